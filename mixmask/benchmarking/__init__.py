@@ -1,0 +1,1 @@
+"""Benchmark suites behind `bench.py`: a shared timing protocol and one module per mode."""
