@@ -1,0 +1,107 @@
+"""Atomic checkpoints: write to a temporary file, fsync, rename; load with one clear error when corrupt.
+
+A checkpoint holds everything needed to resume exactly (DESIGN.md, Reliability): the plain (uncompiled, unwrapped)
+method's state dict — backbone, heads, momentum encoder, queue —, the optimizer, the grad scaler, the position in
+the schedule (epoch, step, step within the epoch), every RNG state, and the resolved config with provenance.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mixmask.errors import UserError
+
+CHECKPOINT_VERSION = 1
+_PERIODIC = re.compile(r"epoch_(\d+)\.pt$")
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """torch.save `obj` to `path` so that a crash at any point leaves either the old file or the new one, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        # fsync the directory so the rename itself survives a power loss.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by `save_atomic`; UserError (one line) when missing, truncated or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise UserError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(err).__name__}); "
+                        "the previous checkpoints in its folder are untouched") from None
+    if not isinstance(ckpt, dict) or "method" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{str(path)!r} is not a training checkpoint of this project (no 'method'/'config' entries)")
+    return ckpt
+
+
+def rng_state(mask_generator: torch.Generator | None = None) -> dict:
+    """Every RNG the run draws from, for exact resume."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 (the legacy global state is what libraries draw from)
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    if mask_generator is not None:
+        state["mask_generator"] = mask_generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, mask_generator: torch.Generator | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if mask_generator is not None and state.get("mask_generator") is not None:
+        mask_generator.set_state(state["mask_generator"])
+
+
+def find_resume(resume: str, ckpt_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `auto` → last.pt if present, `none` → None, else the given path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        last = ckpt_dir / "last.pt"
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"run.resume={resume!r}: no such checkpoint (use auto, none or a path to a .pt file)")
+    return path
+
+
+def prune_periodic(ckpt_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` periodic checkpoints (epoch_N.pt); last.pt is never touched."""
+    periodic = sorted((p for p in ckpt_dir.glob("epoch_*.pt") if _PERIODIC.search(p.name)),
+                      key=lambda p: int(_PERIODIC.search(p.name).group(1)))  # type: ignore[union-attr]
+    removed = periodic[:-keep] if keep > 0 else periodic
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed

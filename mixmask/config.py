@@ -1,0 +1,207 @@
+"""Typed configuration: dataclass sections, each field with a type, a default, a one-line doc and its valid values.
+
+Resolution order (DESIGN.md): defaults → preset → YAML file → `key=value` overrides; see `mixmask.config_cli`.
+Derived values (per-rank batch, scaled learning rate, steps per epoch) are computed in `derived()` and logged,
+never written back over what the user typed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any
+
+from mixmask.errors import UserError
+
+SOURCES = ("synthetic", "cifar100", "tinyimagenet", "imagefolder")
+BACKENDS = ("ffcv", "dali", "torchvision")
+METHOD_NAMES = ("moco", "simclr", "byol", "simsiam")
+BRANCHES = ("vanilla", "unmix", "mixmask", "mixmask-unmix", "erase")
+MASK_KINDS = ("block", "discrete")
+RECIPES = ("mocov1", "mocov2", "simclr", "byol")
+
+
+def opt(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None, le: float | None = None,
+        gt: float | None = None) -> Any:
+    """A config field: default, one-line doc, and the constraints `validate` checks."""
+    meta = {"doc": doc, "choices": choices, "ge": ge, "le": le, "gt": gt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("synthetic", "dataset source", choices=SOURCES)
+    path: str = opt("", "training data: .beton for ffcv, dataset root for dali/torchvision; '' = synthetic default")
+    val_path: str = opt("", "held-out split for the kNN monitor and eval; '' = derived from `path`")
+    backend: str = opt("ffcv", "loader backend", choices=BACKENDS)
+    resolution: int = opt(32, "training crop size in pixels", ge=8)
+    batch_size: int = opt(512, "global batch size (all ranks together)", ge=2)
+    workers: int = opt(8, "loader worker threads/processes per rank", ge=0)
+    os_cache: bool = opt(True, "ffcv: read the .beton through the OS page cache (else its own quasi-random cache)")
+    batches_ahead: int = opt(2, "ffcv/dali: batches prepared ahead of the step", ge=1)
+    synthetic_images: int = opt(2000, "synthetic source: training images", ge=10)
+    synthetic_val_images: int = opt(500, "synthetic source: held-out images", ge=10)
+    synthetic_classes: int = opt(10, "synthetic source: classes", ge=2)
+    data_dir: str = opt("data", "where the synthetic default is written (.beton and sidecar)")
+
+
+@dataclass
+class AugConfig:
+    recipe: str = opt("mocov2", "two-view augmentation recipe (small-image variants without blur at <= 64 px)",
+                      choices=RECIPES)
+    crop_min_scale: float = opt(0.2, "random-resized-crop minimum area fraction", gt=0.0, le=1.0)
+
+
+@dataclass
+class MaskConfig:
+    kind: str = opt("block", "mask generator: BEiT blocked or independent cells", choices=MASK_KINDS)
+    grid_size: int = opt(4, "mask grid G (G x G cells over the image)", ge=1)
+    ratio: float = opt(0.5, "share of cells kept from the sample's own image (the mask ratio)", gt=0.0, le=1.0)
+    ratio_max: float | None = opt(None, "if set, the ratio is drawn per sample uniformly in [ratio, ratio_max]",
+                                  gt=0.0, le=1.0)
+    per_sample: bool = opt(True, "one mask per sample (False: one mask per batch, as the official code)")
+    permutation: str = opt("reverse", "partner of sample i: reverse (i <-> n-1-i) or random",
+                           choices=("reverse", "random"))
+    erase_fill: str = opt("zero", "erase branch: fill for masked cells", choices=("zero", "mean", "noise"))
+
+
+@dataclass
+class MethodConfig:
+    name: str = opt("moco", "Siamese method", choices=METHOD_NAMES)
+    branch: str = opt("mixmask", "mixing branch (mixmask-unmix is the paper's MixMask*)", choices=BRANCHES)
+    arch: str = opt("resnet18", "backbone", choices=("resnet18", "resnet50"))
+    cifar_stem: bool = opt(True, "3x3 stride-1 first conv and no max-pool (32 and 64 px images)")
+    mlp_head: bool = opt(True, "MoCo: MLP projection head (v2) instead of a linear one (v1)")
+    dim: int = opt(128, "output embedding dimension", ge=1)
+    hidden_dim: int = opt(2048, "projector hidden dimension", ge=1)
+    pred_dim: int = opt(512, "predictor hidden dimension (BYOL, SimSiam)", ge=1)
+    queue_size: int = opt(4096, "MoCo: negative queue length K", ge=1)
+    momentum: float = opt(0.99, "MoCo key-encoder momentum m / BYOL base EMA tau", ge=0.0, le=1.0)
+    temperature: float = opt(0.1, "contrastive softmax temperature", gt=0.0)
+    unmix_prob: float = opt(0.5, "Un-Mix: probability of global mixup (else region cutmix)", ge=0.0, le=1.0)
+    unmix_beta: float = opt(1.0, "Un-Mix: lambda ~ Beta(beta, beta)", gt=0.0)
+    shuffle_bn: bool = opt(True, "MoCo: shuffle BatchNorm across ranks for the key encoder")
+    sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm")
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("sgd", "optimizer", choices=("sgd", "adam", "adamw", "lars"))
+    base_lr: float = opt(0.06, "learning rate at `base_batch` (scaled linearly with the global batch)", gt=0.0)
+    base_batch: int = opt(512, "batch size `base_lr` is quoted for", ge=1)
+    weight_decay: float = opt(5e-4, "weight decay (not applied to biases and norms)", ge=0.0)
+    momentum: float = opt(0.9, "SGD/LARS momentum", ge=0.0, le=1.0)
+    schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "step", "constant"))
+    warmup_epochs: float = opt(0.0, "linear warm-up length in epochs", ge=0.0)
+    milestones: list = opt([0.6, 0.8], "step schedule: epochs fractions where the lr drops by 10x")
+
+
+@dataclass
+class RunConfig:
+    epochs: int = opt(1000, "training epochs", ge=1)
+    max_steps: int = opt(0, "stop after this many optimizer steps (0 = no cap; for smoke runs)", ge=0)
+    out_dir: str = opt("", "run directory; '' = runs/<preset>")
+    seed: int = opt(0, "random seed (data order, masks, initialisation)")
+    resume: str = opt("auto", "auto (latest checkpoint in out_dir if any), none, or a checkpoint path")
+    device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:N")
+    precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32",
+                         choices=("auto", "bf16", "fp32"))
+    compile: bool = opt(False, "torch.compile the method (compiled before DDP wrapping)")
+    channels_last: bool = opt(True, "channels_last memory format for images and the backbone")
+    log_every: int = opt(20, "steps between metric logs (the only host-device sync in the loop)", ge=1)
+    ckpt_every: int = opt(10, "epochs between periodic checkpoints (last.pt is written every epoch)", ge=1)
+    keep_ckpts: int = opt(3, "periodic checkpoints kept", ge=1)
+    knn_every: int = opt(10, "epochs between kNN monitor runs (0 = off)", ge=0)
+    tensorboard: bool = opt(True, "write TensorBoard scalars")
+    progress: bool = opt(True, "live progress display on rank 0")
+
+
+@dataclass
+class EvalConfig:
+    epochs: int = opt(100, "linear / semi-supervised training epochs", ge=1)
+    batch_size: int = opt(256, "global evaluation batch size", ge=1)
+    knn_k: int = opt(200, "kNN neighbours", ge=1)
+    knn_temperature: float = opt(0.1, "kNN vote temperature", gt=0.0)
+    lr: float = opt(30.0, "linear probe learning rate (MoCo protocol)", gt=0.0)
+    schedule: str = opt("step", "linear probe schedule", choices=("step", "cosine"))
+    semisup_fraction: float = opt(0.01, "semi-supervised: labelled fraction (0.01 or 0.1 in the papers)", gt=0.0,
+                                  le=1.0)
+    semisup_lr: float = opt(0.01, "semi-supervised: backbone learning rate (head gets 10x)", gt=0.0)
+    cached_features: bool = opt(True, "linear probe on cached centre-crop features (fast path)")
+
+
+@dataclass
+class BenchConfig:
+    warmup: int = opt(3, "untimed warm-up repeats", ge=0)
+    repeats: int = opt(10, "timed repeats (median and min-max reported)", ge=1)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    preset: str = field(default="", metadata={"doc": "name of the preset this config started from"})
+
+
+def _check_field(key: str, value: Any, meta: dict) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        from mixmask.errors import did_you_mean
+
+        hint = did_you_mean(str(value), [str(c) for c in choices])
+        raise UserError(f"{key}={value!r} is not valid{hint}; valid: {', '.join(map(str, choices))}")
+    if value is None or isinstance(value, (bool, str, list)):
+        return
+    for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("le", lambda v, b: v <= b, "<="),
+                            ("gt", lambda v, b: v > b, ">")):
+        b = meta.get(bound)
+        if b is not None and not ok(value, b):
+            raise UserError(f"{key}={value!r} is out of range: must be {word} {b}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field against its constraints and the cross-field rules; raise UserError naming the key."""
+    for section in fields(cfg):
+        sub = getattr(cfg, section.name)
+        if not is_dataclass(sub):
+            continue
+        for f in fields(sub):
+            _check_field(f"{section.name}.{f.name}", getattr(sub, f.name), dict(f.metadata))
+    if cfg.mask.ratio_max is not None and cfg.mask.ratio_max < cfg.mask.ratio:
+        raise UserError(f"mask.ratio_max={cfg.mask.ratio_max} must be >= mask.ratio={cfg.mask.ratio}")
+    if not all(0.0 < m < 1.0 for m in cfg.optim.milestones):
+        raise UserError(f"optim.milestones={cfg.optim.milestones} must be fractions of training in (0, 1)")
+    return cfg
+
+
+def field_docs(section: type) -> dict[str, tuple[Any, str]]:
+    """`{name: (default, doc)}` of a section, for help texts and the README."""
+    out = {}
+    for f in fields(section):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        out[f.name] = (default, f.metadata.get("doc", ""))
+    return out
+
+
+def derived(cfg: Config, world_size: int, steps_per_epoch: int | None = None) -> dict[str, Any]:
+    """Values computed from the config and the launch (logged in the run directory, never written back)."""
+    if cfg.data.batch_size % world_size:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by the world size {world_size}")
+    out: dict[str, Any] = {
+        "world_size": world_size,
+        "global_batch": cfg.data.batch_size,
+        "batch_size_per_rank": cfg.data.batch_size // world_size,
+        "lr": cfg.optim.base_lr * cfg.data.batch_size / cfg.optim.base_batch,
+    }
+    if steps_per_epoch is not None:
+        out["steps_per_epoch"] = steps_per_epoch
+        total = steps_per_epoch * cfg.run.epochs
+        out["total_steps"] = min(total, cfg.run.max_steps) if cfg.run.max_steps else total
+    return out

@@ -1,0 +1,125 @@
+"""One command-line front end for the config, shared by train.py, eval.py and bench.py.
+
+`--preset NAME [--config FILE.yaml] [key=value ...]` resolves defaults → preset → YAML → overrides. Every mistake
+(unknown preset or key, wrong type, impossible value, unreadable YAML) is a UserError naming the key and the valid
+choices, which the entry points print as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from mixmask.config import Config, validate
+from mixmask.errors import UserError, did_you_mean
+from mixmask.presets import get_preset
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, preset_required: bool = False) -> None:
+    """Add `--preset`, `--config`, `--print-config` and the trailing `key=value` overrides to a parser."""
+    parser.add_argument("--preset", default=None if preset_required else "demo", required=preset_required,
+                        help="named preset: demo or DATASET-METHOD-BRANCH, e.g. cifar100-moco-mixmask")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file merged over the preset")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. run.epochs=10")
+
+
+def _unknown_key_error(key: str) -> UserError:
+    section, _, name = key.partition(".")
+    cfg = Config()
+    sections = [f.name for f in fields(cfg) if is_dataclass(getattr(cfg, f.name))]
+    if section not in sections or not name:
+        # A bare field name ("epochs=3"): point at the section that has it.
+        dotted = [f"{s}.{f.name}" for s in sections for f in fields(getattr(cfg, s))]
+        owners = [d for d in dotted if d.endswith(f".{section}")]
+        hint = f" (did you mean {owners[0]!r}?)" if owners else did_you_mean(section, sections)
+        return UserError(f"unknown config key {key!r}{hint}; sections: {', '.join(sections)}")
+    names = [f.name for f in fields(getattr(cfg, section))]
+    hint = did_you_mean(name, names)
+    return UserError(f"unknown config key {key!r}{hint}; valid keys in {section}: {', '.join(names)}")
+
+
+def _merge(base: Any, other: Any, where: str) -> Any:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as err:
+        raise _unknown_key_error(str(err.full_key)) from None
+    except ValidationError as err:
+        raise UserError(f"{err.full_key}: {str(err).splitlines()[0]} (from {where})") from None
+    except OmegaConfBaseException as err:
+        raise UserError(f"invalid config in {where}: {str(err).splitlines()[0]}") from None
+
+
+def _parse_overrides(overrides: list[str]) -> Any:
+    items = []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"override {item!r} is not of the form key=value (e.g. run.epochs=10)")
+        if "." not in key:
+            raise _unknown_key_error(key)
+        items.append(f"{key}={value}")
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as err:
+        raise UserError(f"cannot parse overrides: {str(err).splitlines()[0]}") from None
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(path)!r} must hold a mapping of sections (data:, method:, ...)")
+    data.pop("computed", None)  # a run's saved config.yaml carries its derived values: they are not inputs
+    data.pop("provenance", None)
+    return data
+
+
+def resolve(preset: str | None = "demo", config_file: Path | None = None, overrides: list[str] | None = None,
+            *, base: Config | None = None) -> Config:
+    """Defaults → preset (or `base`, e.g. a checkpoint's config) → YAML file → overrides, validated."""
+    start = base if base is not None else (get_preset(preset) if preset else Config())
+    merged = OmegaConf.structured(start)
+    if config_file is not None:
+        merged = _merge(merged, _load_yaml(Path(config_file)), str(config_file))
+    if overrides:
+        merged = _merge(merged, _parse_overrides(overrides), "the command line")
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    return validate(cfg)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return resolve(args.preset, args.config, args.overrides)
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from a saved dict (checkpoint or config.yaml); unknown keys are errors."""
+    data = {k: v for k, v in data.items() if k not in ("computed", "provenance")}
+    merged = _merge(OmegaConf.structured(Config()), data, "the saved config")
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    return validate(cfg)
+
+
+def to_yaml(cfg: Config, extra: dict | None = None) -> str:
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if extra:
+        text += yaml.safe_dump(extra, sort_keys=False)
+    return text

@@ -1,0 +1,72 @@
+"""Export a trained backbone: torchvision key names (`backbone.pt`) and detectron2's format (`.pkl`).
+
+`python -m mixmask.export CHECKPOINT --detectron2 OUT.pkl` converts for the paper's detection and segmentation
+transfer (detectron2's ResNet naming: stem, res2..res5, shortcut, conv.norm), as MoCo's conversion script does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from mixmask.errors import UserError, cli_entry
+
+
+def backbone_state_dict(method_state: dict) -> dict[str, torch.Tensor]:
+    """The `backbone.*` entries of a method state dict, prefix stripped (torchvision names, no `fc.*`)."""
+    out = {k[len("backbone."):]: v for k, v in method_state.items() if k.startswith("backbone.")}
+    if not out:
+        raise UserError("the checkpoint holds no backbone weights (no 'backbone.' keys)")
+    return out
+
+
+def to_detectron2(state: dict[str, torch.Tensor]) -> dict:
+    """Rename torchvision ResNet keys to detectron2's and wrap them as detectron2 loads third-party weights."""
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("fc.") or "num_batches_tracked" in key:
+            continue
+        k = key
+        if not k.startswith("layer"):
+            k = "stem." + k  # conv1, bn1
+        for i in range(4):
+            k = k.replace(f"layer{i + 1}", f"res{i + 2}")
+        k = re.sub(r"bn(\d)", r"conv\1.norm", k)
+        k = k.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        renamed[k] = value.detach().cpu().numpy()
+    return {"model": renamed, "__author__": "mixmask", "matching_heuristics": True}
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mixmask.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="checkpoints/last.pt or backbone.pt of a run")
+    parser.add_argument("--detectron2", type=Path, required=True, help="output .pkl for detectron2")
+    args = parser.parse_args(argv)
+    from mixmask.checkpoint import load_checkpoint
+
+    if not args.checkpoint.is_file():
+        raise UserError(f"checkpoint {str(args.checkpoint)!r} does not exist")
+    raw = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    if isinstance(raw, dict) and "method" in raw:
+        state = backbone_state_dict(load_checkpoint(args.checkpoint)["method"])
+    elif isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        state = raw  # backbone.pt
+    else:
+        raise UserError(f"{str(args.checkpoint)!r} is neither a training checkpoint nor a backbone.pt")
+    out = to_detectron2(state)
+    args.detectron2.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.detectron2.with_name(args.detectron2.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(out, f)
+    tmp.replace(args.detectron2)
+    print(f"wrote {args.detectron2} ({len(out['model'])} tensors, detectron2 naming)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Optimizers (SGD, Adam, AdamW, LARS) with no weight decay on biases and norms, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights that decay, and biases / norm parameters (1-d tensors) that neither decay nor adapt.
+
+    The second group carries `lars_exclude=True`, which LARS reads to skip its trust ratio (as in BYOL / SimCLR).
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+    ]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio ‖w‖ / ‖g + wd·w‖ (You et al., 2017), skipped where excluded."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["weight_decay"]:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                if not group["lars_exclude"]:
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+                    # torch.where keeps this free of host syncs (no `if norm > 0` on a device value).
+                    trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                        group["trust_coefficient"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    grad = grad.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.clone(grad).detach()
+                else:
+                    buf.mul_(group["momentum"]).add_(grad)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float,
+                    momentum: float = 0.9) -> torch.optim.Optimizer:
+    """The optimizer named by `optim.name`, over `param_groups(model)`."""
+    groups = param_groups(model, weight_decay)
+    if name == "sgd":
+        for g in groups:
+            g.pop("lars_exclude")
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name in ("adam", "adamw"):
+        for g in groups:
+            g.pop("lars_exclude")
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(groups, lr=lr)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}; valid: sgd, adam, adamw, lars")
+
+
+def lr_at(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, schedule: str = "cosine",
+          milestones: Sequence[float] = (0.6, 0.8)) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warm-up to `peak_lr`, then the named decay.
+
+    cosine: peak·½(1 + cos(π·t)) with t the post-warm-up progress (SGDR, as in MoCo v2 / SimSiam);
+    step: ×0.1 at each milestone (fractions of training); constant: peak.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "cosine":
+        return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step":
+        frac = step / max(1, total_steps)
+        return peak_lr * 0.1 ** sum(frac >= m for m in milestones)
+    raise ValueError(f"unknown schedule {schedule!r}; valid: cosine, step, constant")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,187 @@
+"""The pieces train.py joins: data preparation, loaders, method and operator from the config, kNN monitor, artifacts.
+
+This is the only module that maps config sections onto the plain keyword arguments of the library (loaders,
+`build_method`, `MixingOperator`), so the library itself never sees a config object.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mixmask import launch
+from mixmask.config import Config
+from mixmask.errors import UserError
+
+
+@dataclass
+class DataPaths:
+    """Where the training and held-out data live, and how many classes they have."""
+
+    train: str | None
+    val: str | None
+    num_classes: int
+    synthetic_train: dict = field(default_factory=dict)
+    synthetic_val: dict = field(default_factory=dict)
+
+
+def synthetic_kwargs(cfg: Config, split: str) -> dict:
+    """Generator arguments of the synthetic default (fixed data seed: the dataset does not change with run.seed)."""
+    n = cfg.data.synthetic_images if split == "train" else cfg.data.synthetic_val_images
+    return dict(num_images=n, num_classes=cfg.data.synthetic_classes, resolution=cfg.data.resolution, seed=0)
+
+
+def synthetic_beton(cfg: Config, split: str) -> Path:
+    kw = synthetic_kwargs(cfg, split)
+    name = f"synthetic-{kw['resolution']}px-{kw['num_images']}x{kw['num_classes']}-{split}.beton"
+    return Path(cfg.data.data_dir) / name
+
+
+def _classes_from_sidecar(beton: Path) -> int | None:
+    sidecar = Path(str(beton) + ".json")
+    if sidecar.is_file():
+        try:
+            return len(json.loads(sidecar.read_text())["class_names"])
+        except (ValueError, KeyError):
+            return None
+    return None
+
+
+def prepare_data(cfg: Config, run: launch.Launch, log: Callable[[str], None]) -> DataPaths:
+    """Resolve the data paths; convert the synthetic default to .beton on first use (rank 0, others wait)."""
+    if cfg.data.source == "synthetic":
+        paths = DataPaths(train=None, val=None, num_classes=cfg.data.synthetic_classes,
+                          synthetic_train=synthetic_kwargs(cfg, "train"), synthetic_val=synthetic_kwargs(cfg, "val"))
+        if cfg.data.backend == "ffcv":
+            from pipelines.convert import convert
+
+            for split in ("train", "val"):
+                out = synthetic_beton(cfg, split)
+                if run.is_main and not out.is_file():
+                    summary = convert("synthetic", out, split=split, **synthetic_kwargs(cfg, split))
+                    log(f"wrote {out}: {summary.num_written} images in {summary.seconds:.1f}s")
+            launch.barrier()
+            paths.train, paths.val = str(synthetic_beton(cfg, "train")), str(synthetic_beton(cfg, "val"))
+        return paths
+
+    if not cfg.data.path:
+        raise UserError(f"data.path is required for data.source={cfg.data.source!r} "
+                        "(a .beton for data.backend=ffcv, the dataset root for dali/torchvision)")
+    train = Path(cfg.data.path)
+    if not train.exists():
+        raise UserError(f"data.path={cfg.data.path!r} does not exist")
+    if cfg.data.backend == "ffcv":
+        if train.suffix != ".beton":
+            raise UserError(f"data.backend=ffcv reads .beton files, got data.path={cfg.data.path!r}; convert with "
+                            f"`python -m pipelines.convert {cfg.data.source} --root DIR --split train --out X.beton`")
+        val = Path(cfg.data.val_path) if cfg.data.val_path else train.with_name(train.name.replace("train", "val"))
+        num_classes = _classes_from_sidecar(train)
+        if num_classes is None:
+            raise UserError(f"{train}.json (the converter's sidecar) is missing: the class count is unknown")
+        return DataPaths(train=str(train), val=str(val) if val.is_file() and val != train else None,
+                         num_classes=num_classes)
+    from pipelines.sources import open_source
+
+    source = open_source(cfg.data.source, train, "train")
+    val_root = cfg.data.val_path or cfg.data.path
+    return DataPaths(train=str(train), val=val_root, num_classes=len(source.class_names))
+
+
+def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_per_rank: int, use_bf16: bool):
+    """The two-view training loader and, when a held-out split exists, the (bank, query) kNN monitor loaders."""
+    from pipelines.loaders import build_eval_loader, build_two_view_loader
+
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    common = dict(source=cfg.data.source, resolution=cfg.data.resolution, rank=run.rank,
+                  world_size=run.world_size, workers=cfg.data.workers, device=run.device)
+    train = build_two_view_loader(
+        cfg.data.backend, path=data.train, split="train", batch_size_per_rank=batch_size_per_rank,
+        recipe=cfg.aug.recipe, seed=cfg.run.seed, dtype=dtype, channels_last=cfg.run.channels_last,
+        os_cache=cfg.data.os_cache, batches_ahead=cfg.data.batches_ahead, synthetic=data.synthetic_train or None,
+        crop_min_scale=cfg.aug.crop_min_scale, **common)
+    if cfg.run.knn_every == 0 or (data.val is None and cfg.data.source != "synthetic"):
+        return train, None
+    eval_batch = max(1, min(256, cfg.eval.batch_size // run.world_size))
+    bank = build_eval_loader(cfg.data.backend, path=data.train, split="train", batch_size_per_rank=eval_batch,
+                             train_aug=False, synthetic=data.synthetic_train or None, **common)
+    query = build_eval_loader(cfg.data.backend, path=data.val, split="val", batch_size_per_rank=eval_batch,
+                              train_aug=False, synthetic=data.synthetic_val or None, **common)
+    return train, (bank, query, data.num_classes)
+
+
+def build_method_from_config(cfg: Config, num_classes: int | None = None) -> torch.nn.Module:
+    """The Siamese method of `cfg.method` around a fresh backbone (num_classes is unused by the methods)."""
+    from mixmask.backbones import build_backbone
+    from mixmask.methods import build_method
+
+    m = cfg.method
+    backbone, feature_dim = build_backbone(m.arch, cifar_stem=m.cifar_stem)
+    hparams: dict
+    if m.name == "moco":
+        hparams = dict(version=2 if m.mlp_head else 1, dim=m.dim, mlp_hidden_dim=m.hidden_dim,
+                       queue_size=m.queue_size, momentum=m.momentum, temperature=m.temperature,
+                       shuffle_bn=m.shuffle_bn and not m.sync_bn, sync_bn=m.sync_bn)
+    elif m.name == "simclr":
+        hparams = dict(proj_hidden_dim=m.hidden_dim, proj_dim=m.dim, temperature=m.temperature)
+    elif m.name == "byol":
+        hparams = dict(proj_hidden_dim=m.hidden_dim, proj_dim=m.dim, pred_hidden_dim=m.pred_dim, base_tau=m.momentum)
+    else:
+        hparams = dict(proj_dim=m.dim, pred_hidden_dim=m.pred_dim)
+    return build_method(m.name, backbone=backbone, feature_dim=feature_dim, **hparams)
+
+
+def build_operator(cfg: Config):
+    from mixmask.operator import MixingOperator
+
+    ratio = cfg.mask.ratio if cfg.mask.ratio_max is None else (cfg.mask.ratio, cfg.mask.ratio_max)
+    return MixingOperator(cfg.method.branch, mask_kind=cfg.mask.kind, grid_size=cfg.mask.grid_size,
+                          mask_ratio=ratio, per_sample=cfg.mask.per_sample, permutation=cfg.mask.permutation,
+                          unmix_prob=cfg.method.unmix_prob, unmix_beta=cfg.method.unmix_beta,
+                          erase_fill=cfg.mask.erase_fill)
+
+
+def knn_monitor(backbone: torch.nn.Module, loaders, cfg: Config, device: torch.device, use_bf16: bool) -> float:
+    """kNN top-1 (%) of held-out images against the training set's features (every rank takes part)."""
+    from mixmask.evaluation import accuracy, extract_features, knn_predict
+
+    bank_loader, query_loader, num_classes = loaders
+    dtype = torch.bfloat16 if use_bf16 else None
+    bank_x, bank_y = extract_features(backbone, bank_loader, device, dtype=dtype)
+    query_x, query_y = extract_features(backbone, query_loader, device, dtype=dtype)
+    pred = knn_predict(bank_x, bank_y, query_x, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+                       num_classes=num_classes)
+    return accuracy(pred, query_y)
+
+
+def write_run_artifacts(cfg: Config, method: torch.nn.Module, run_dir: Path, knn_loaders, device: torch.device,
+                        use_bf16: bool, log: Callable[[str], None]) -> dict:
+    """backbone.pt, the loss curve and mask figure, and kNN of the trained backbone beside a random-init one."""
+    from mixmask.checkpoint import save_atomic
+    from mixmask.report import plot_training_curves
+
+    save_atomic({k: v.detach().cpu() for k, v in method.backbone.state_dict().items()}, run_dir / "backbone.pt")
+    out = {"backbone": str(run_dir / "backbone.pt")}
+    out["loss_curve"] = str(plot_training_curves(run_dir, run_dir / "loss_curve.png"))
+    try:
+        from mixmask.visualize import render_mask_figure
+
+        res = max(cfg.data.resolution, 96)
+        render_mask_figure(run_dir / "masks.png", grid_sizes=(2, 4, 8), resolution=res)
+        out["masks"] = str(run_dir / "masks.png")
+    except ImportError as err:  # scikit-image's bundled photographs are optional at run time
+        log(f"mask figure skipped: {err}")
+    if knn_loaders is not None:
+        trained = knn_monitor(method.backbone, knn_loaders, cfg, device, use_bf16)
+        torch.manual_seed(cfg.run.seed)
+        random_init = build_method_from_config(cfg).backbone.to(device)
+        baseline = knn_monitor(random_init, knn_loaders, cfg, device, use_bf16)
+        out.update(knn_top1=trained, knn_top1_random_init=baseline)
+        log(f"kNN top-1 on the held-out split: trained {trained:.2f}% vs random init {baseline:.2f}% "
+            f"(k={cfg.eval.knn_k}, {knn_loaders[2]} classes)")
+        (run_dir / "final_knn.json").write_text(json.dumps(out, indent=2))
+    log(f"wrote {', '.join(str(v) for k, v in out.items() if isinstance(v, str))}")
+    return out
