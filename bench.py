@@ -1,0 +1,210 @@
+"""Throughput benchmark: `python bench.py {loader,masks,step,e2e} [options] --json FILE`.
+
+Every mode follows one protocol (mixmask/benchmarking/protocol.py): warm-up, repeats, the median with the min-max
+spread, CUDA-event timing on GPU, and the reference each number is compared to measured in the same invocation.
+The JSON holds the config, versions, device and commit beside a `results` list of rows (`name`, `images_per_s`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from mixmask.config_cli import add_config_arguments, config_from_args, to_dict
+from mixmask.errors import UserError, cli_entry
+from mixmask.launch import pick_device
+from mixmask.provenance import provenance
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _strs(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+        p.add_argument("--warmup", type=int, default=3, help="untimed repeats")
+        p.add_argument("--repeats", type=int, default=10, help="timed repeats")
+        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+        p.add_argument("--json", type=Path, default=None, help="write the results here")
+
+    p = sub.add_parser("loader", help="two-view loader throughput per backend, vs the official torchvision recipe")
+    common(p)
+    p.add_argument("--backend", type=_strs, default=["ffcv", "dali", "torchvision"], help="comma-separated")
+    p.add_argument("--source", default="synthetic", help="synthetic | cifar100 | tinyimagenet | imagefolder")
+    p.add_argument("--data", default=None, help=".beton (ffcv) or dataset root (dali/torchvision)")
+    p.add_argument("--data-beton", default=None, help="the .beton of the same data for ffcv when --data is a folder")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--recipe", default="mocov2")
+    p.add_argument("--batches", type=int, default=10, help="batches per timed repeat")
+
+    p = sub.add_parser("masks", help="per-sample masks + mix vs the official per-batch path")
+    common(p)
+    p.add_argument("--batch-sizes", type=_ints, default=[256])
+    p.add_argument("--resolutions", type=_ints, default=[32, 64, 224])
+    p.add_argument("--grids", type=_ints, default=[2, 4, 8])
+
+    p = sub.add_parser("step", help="one training step per method x branch on synthetic tensors")
+    common(p)
+    p.add_argument("--methods", type=_strs, default=["moco", "simclr", "byol", "simsiam"])
+    p.add_argument("--branches", type=_strs, default=["vanilla", "mixmask", "mixmask-unmix"])
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp32")
+
+    p = sub.add_parser("e2e", help="loader + operator + train step of a preset: images/s and data-wait share")
+    common(p)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    add_config_arguments(p)
+    return parser
+
+
+def _print_table(console: Console, title: str, rows: list[dict]) -> None:
+    table = Table(title=title)
+    extra = [k for k in ("ratio_vs_official", "ratio_vs_torchvision", "data_wait", "forward_equivalents",
+                         "tflops") if any(k in r for r in rows)]
+    for col in ("name", "images/s (median)", "min - max", "ms/call", *extra):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for r in rows:
+        cells = [r["name"], f"{r['images_per_s']:,.0f}",
+                 f"{r.get('images_per_s_min', float('nan')):,.0f} - {r.get('images_per_s_max', float('nan')):,.0f}",
+                 f"{r.get('ms_per_call', float('nan')):.3f}"]
+        for k in extra:
+            v = r.get(k)
+            cells.append("" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)))
+        table.add_row(*cells)
+    console.print(table)
+
+
+def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
+    """Loader → operator → step of a config, timed over `--steps` steps per repeat, with the data-wait share."""
+    from mixmask.benchmarking.protocol import Measurement
+    from mixmask.config import derived
+    from mixmask.launch import Launch
+    from mixmask.optim import build_optimizer
+    from mixmask.training import build_loaders, build_method_from_config, build_operator, prepare_data
+
+    cfg = config_from_args(args)
+    cfg.run.device, cfg.run.knn_every = str(device), 0
+    run = Launch(rank=0, local_rank=0, world_size=1, device=device)
+    use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+    data = prepare_data(cfg, run, log=lambda s: None)
+    comp = derived(cfg, 1)
+    loader, _ = build_loaders(cfg, data, run, comp["batch_size_per_rank"], use_bf16)
+    method = build_method_from_config(cfg).to(device).to(memory_format=torch.channels_last)
+    operator = build_operator(cfg)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    opt = build_optimizer(cfg.optim.name, method, lr=comp["lr"], weight_decay=cfg.optim.weight_decay)
+
+    def batches():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    stream = batches()
+
+    def run_steps(n: int) -> tuple[float, float]:
+        wait, t0 = 0.0, time.perf_counter()
+        for _ in range(n):
+            tw = time.perf_counter()
+            batch = next(stream)
+            wait += time.perf_counter() - tw
+            mixed = operator(batch.view1, gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = method(batch.view1, batch.view2, mixed)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            method.after_step(0.5)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0, wait
+
+    for _ in range(args.warmup):
+        run_steps(1)
+    samples = [run_steps(args.steps) for _ in range(args.repeats)]
+    times = sorted(t for t, _ in samples)
+    m = Measurement(name=f"e2e {cfg.data.backend} {cfg.method.name}/{cfg.method.branch}",
+                    items_per_call=args.steps * comp["global_batch"], median_s=times[len(times) // 2],
+                    min_s=times[0], max_s=times[-1], repeats=args.repeats)
+    wait_share = sum(w for _, w in samples) / sum(t for t, _ in samples)
+    return [m.row(data_wait=wait_share, backend=cfg.data.backend, preset=cfg.preset)], to_dict(cfg)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device, 0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console()
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
+    if args.mode == "masks":
+        from mixmask.benchmarking.masks import run_masks_bench
+
+        rows = run_masks_bench(device, batch_sizes=tuple(args.batch_sizes), resolutions=tuple(args.resolutions),
+                               grids=tuple(args.grids), warmup=args.warmup, repeats=args.repeats)
+    elif args.mode == "step":
+        from mixmask.benchmarking.step import run_step_bench
+
+        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+                 "fp32": torch.float32}.get(args.dtype)
+        if dtype is None:
+            raise UserError(f"--dtype {args.dtype!r} is not valid; valid: auto, bf16, fp32")
+        rows = run_step_bench(args.methods, args.branches, arch=args.arch, cifar_stem=args.cifar_stem,
+                              resolution=args.resolution, batch_size=args.batch_size, device=device, dtype=dtype,
+                              warmup=args.warmup, repeats=args.repeats)
+    elif args.mode == "loader":
+        from mixmask.benchmarking.loader import run_loader_bench
+
+        rows = []
+        for backend in args.backend:
+            path = args.data_beton if backend == "ffcv" and args.data_beton else args.data
+            rows += run_loader_bench(backend, source=args.source, path=path, resolution=args.resolution,
+                                     batch_size=args.batch_size, workers=args.workers, recipe=args.recipe,
+                                     device=device, warmup_batches=args.warmup, batches=args.batches,
+                                     repeats=args.repeats)
+        ref = next((r["images_per_s"] for r in rows if r["name"].startswith("torchvision")), None)
+        if ref:
+            for r in rows:
+                r["ratio_vs_torchvision"] = r["images_per_s"] / ref
+    else:
+        rows, cfg_dict = run_e2e(args, device)
+        settings["config"] = cfg_dict
+    _print_table(console, f"bench.py {args.mode} on {provenance(device)['device']}", rows)
+    if args.json is not None:
+        report = {"mode": args.mode, "settings": settings, **provenance(device), "results": rows}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+        tmp.replace(args.json)
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
