@@ -76,6 +76,7 @@ class MethodConfig:
     dim: int = opt(128, "output embedding dimension", ge=1)
     hidden_dim: int = opt(2048, "projector hidden dimension", ge=1)
     pred_dim: int = opt(512, "predictor hidden dimension (BYOL, SimSiam)", ge=1)
+    proj_layers: int = opt(3, "SimSiam: projector layers (3 on ImageNet, 2 on CIFAR as in the SimSiam paper)", ge=1)
     queue_size: int = opt(4096, "MoCo: negative queue length K", ge=1)
     momentum: float = opt(0.99, "MoCo key-encoder momentum m / BYOL base EMA tau", ge=0.0, le=1.0)
     temperature: float = opt(0.1, "contrastive softmax temperature", gt=0.0)

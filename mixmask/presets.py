@@ -42,7 +42,7 @@ def _small_method(cfg: Config, method: str, dataset: str) -> None:
             cfg.aug.recipe = "byol"
     elif method == "simsiam":
         o.name, o.base_lr, o.weight_decay, o.warmup_epochs = "sgd", 0.03, 5e-4, 10
-        m.dim, m.hidden_dim, m.pred_dim = 2048, 2048, 512
+        m.dim, m.hidden_dim, m.pred_dim, m.proj_layers = 2048, 2048, 512, 2
         cfg.aug.recipe = "simclr"
 
 

@@ -13,8 +13,8 @@ def format_stats(stats: dict[str, float]) -> str:
     parts = []
     for key in sorted(k for k in stats if k.startswith("loss")):
         parts.append(f"{key.replace('loss_', '')} {stats[key]:.3f}")
-    if "lam_mean" in stats:
-        parts.append(f"λ {stats['lam_mean']:.2f}")
+    for key in sorted(k for k in stats if k.startswith("lam_mean")):
+        parts.append(f"λ{key.replace('lam_mean', '').replace('_', ' ')} {stats[key]:.2f}")
     if "images_per_s" in stats:
         parts.append(f"{stats['images_per_s']:.0f} img/s")
     if "data_wait" in stats:

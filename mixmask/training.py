@@ -130,7 +130,7 @@ def build_method_from_config(cfg: Config, num_classes: int | None = None) -> tor
     elif m.name == "byol":
         hparams = dict(proj_hidden_dim=m.hidden_dim, proj_dim=m.dim, pred_hidden_dim=m.pred_dim, base_tau=m.momentum)
     else:
-        hparams = dict(proj_dim=m.dim, pred_hidden_dim=m.pred_dim)
+        hparams = dict(proj_dim=m.dim, proj_layers=m.proj_layers, pred_hidden_dim=m.pred_dim)
     return build_method(m.name, backbone=backbone, feature_dim=feature_dim, **hparams)
 
 

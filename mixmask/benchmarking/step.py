@@ -1,0 +1,131 @@
+"""Train-step benchmark: one full step (forward, backward, SGD step, `after_step`) per method × branch on synthetic
+tensors, with the analytic cost in backbone forward-equivalents and the achieved FLOP rate.
+
+Forward-equivalents count backbone passes per image with forward = 1 and backward = 2 (heads ignored): a view
+that is trained costs 3, a view seen only by a momentum / EMA encoder costs 1, and each mixed batch is one more
+trained view. So MoCo = 3 + 1 = 4, MoCo + MixMask = 7, MoCo + MixMask* (MixMask + Un-Mix) = 10 (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mixmask.backbones import build_backbone
+from mixmask.benchmarking.protocol import measure
+from mixmask.methods import BRANCH_KINDS, build_method
+from mixmask.types import MixedBatch
+
+# Per method: (views through the trained encoder, views through a no-gradient encoder only).
+_VIEW_PASSES = {"moco": (1, 1), "simclr": (2, 0), "byol": (2, 2), "simsiam": (2, 0)}
+
+
+def forward_equivalents(method: str, branch: str) -> int:
+    """Backbone passes per image of one training step, forward = 1, backward = 2 (see the module docstring)."""
+    trained, frozen = _VIEW_PASSES[method]
+    return 3 * (trained + len(BRANCH_KINDS[branch])) + frozen
+
+
+def backbone_flops_per_image(backbone: torch.nn.Module, resolution: int, device: torch.device) -> float:
+    """Forward FLOPs of the backbone for one image (2 per multiply-add), counted by torch's FlopCounterMode."""
+    x = torch.zeros(2, 3, resolution, resolution, device=device)  # 2 images: BN in training mode needs > 1
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        backbone(x)
+    return counter.get_total_flops() / 2
+
+
+def synthetic_mixed(kind: str, view1: torch.Tensor, grid_size: int, generator: torch.Generator) -> MixedBatch:
+    """A MixedBatch of `kind` from random cell masks (ratio ≈ 0.5): the operator's output shape, not its masks.
+
+    Shape:
+        view1: (B, 3, H, W) → MixedBatch with images like view1, lam (B,), perm (B,)
+    """
+    b, device = view1.shape[0], view1.device
+    masks = torch.rand(b, grid_size, grid_size, generator=generator, device=device) < 0.5
+    lam = masks.float().mean((1, 2))
+    rows = torch.arange(view1.shape[-2], device=device) * grid_size // view1.shape[-2]
+    cols = torch.arange(view1.shape[-1], device=device) * grid_size // view1.shape[-1]
+    keep = masks[:, rows][:, :, cols][:, None]  # (B, 1, H, W) nearest upsampling
+    if kind == "erase":
+        perm = torch.arange(b, device=device)
+        return MixedBatch(kind, view1 * keep, lam, perm)
+    perm = torch.randperm(b, generator=generator, device=device)
+    if kind == "unmix":  # Un-Mix's global mixup: one λ for the batch
+        lam_value = float(torch.rand((), generator=generator, device=device))
+        images = lam_value * view1 + (1 - lam_value) * view1[perm]
+        return MixedBatch(kind, images, torch.full((b,), lam_value, device=device), perm)
+    return MixedBatch(kind, torch.where(keep, view1, view1[perm]), lam, perm)
+
+
+def train_step(
+    method: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    view1: torch.Tensor,
+    view2: torch.Tensor,
+    mixed: Sequence[MixedBatch],
+    *,
+    dtype: torch.dtype,
+) -> None:
+    """What the training loop does per step: forward under autocast, backward, optimizer step, `after_step`."""
+    with torch.autocast(view1.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = method(view1, view2, mixed)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    method.after_step(0.5)
+
+
+def run_step_bench(
+    methods: Sequence[str],
+    branches: Sequence[str],
+    *,
+    arch: str,
+    cifar_stem: bool,
+    resolution: int,
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    warmup: int,
+    repeats: int,
+    grid_size: int = 4,
+    method_kwargs: dict[str, dict] | None = None,
+) -> list[dict]:
+    """Time one training step per method × branch; rows follow `Measurement.row` plus the cost model.
+
+    `dtype` is the autocast dtype of the encoders (float32: no autocast); the losses stay fp32 either way.
+    Each row adds `method`, `branch`, `forward_equivalents`, `backbone_gflops_per_image` and `tflops` (achieved
+    backbone FLOP rate = forward FLOPs × forward-equivalents × images / second).
+    """
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for name in methods:
+        backbone, feature_dim = build_backbone(arch, cifar_stem=cifar_stem)
+        kwargs = (method_kwargs or {}).get(name, {})
+        method = build_method(name, backbone=backbone, feature_dim=feature_dim, **kwargs)
+        method = method.to(device=device, memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
+        flops = backbone_flops_per_image(method.backbone, resolution, device)
+        shape = (batch_size, 3, resolution, resolution)
+        view1 = torch.randn(shape, generator=generator, device=device).contiguous(memory_format=torch.channels_last)
+        view2 = torch.randn(shape, generator=generator, device=device).contiguous(memory_format=torch.channels_last)
+        for branch in branches:
+            mixed = [synthetic_mixed(kind, view1, grid_size, generator) for kind in BRANCH_KINDS[branch]]
+
+            step = functools.partial(train_step, method, optimizer, view1, view2, mixed, dtype=dtype)
+            m = measure(f"{name}/{branch}", step, items_per_call=batch_size, warmup=warmup, repeats=repeats,
+                        device=device)  # fmt: skip
+            fe = forward_equivalents(name, branch)
+            rows.append(
+                m.row(
+                    method=name,
+                    branch=branch,
+                    forward_equivalents=fe,
+                    backbone_gflops_per_image=flops / 1e9,
+                    tflops=flops * fe * m.images_per_s / 1e12,
+                )
+            )
+    return rows

@@ -1,0 +1,43 @@
+"""Registry of the Siamese methods: `build_method(name, backbone=..., feature_dim=..., **hparams)`."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from mixmask.errors import choice_error
+from mixmask.methods.base import MIXED_KINDS, SiameseMethod
+from mixmask.methods.byol import BYOL
+from mixmask.methods.moco import MoCo
+from mixmask.methods.simclr import SimCLR
+from mixmask.methods.simsiam import SimSiam
+
+METHODS: dict[str, type[SiameseMethod]] = {"moco": MoCo, "simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam}
+
+# Which MixedBatch kinds each branch feeds to the method (MixMask* = Un-Mix + MixMask, different permutations).
+BRANCH_KINDS: dict[str, tuple[str, ...]] = {
+    "vanilla": (),
+    "mixmask": ("mixmask",),
+    "unmix": ("unmix",),
+    "mixmask-unmix": ("mixmask", "unmix"),
+    "erase": ("erase",),
+}
+
+
+def build_method(name: str, *, backbone: nn.Module, feature_dim: int, **hparams) -> SiameseMethod:
+    """The method `name` around `backbone` (feature width `feature_dim`), with its keyword hyper-parameters."""
+    if name not in METHODS:
+        raise choice_error("method", name, METHODS)
+    return METHODS[name](backbone=backbone, feature_dim=feature_dim, **hparams)
+
+
+__all__ = [
+    "BRANCH_KINDS",
+    "BYOL",
+    "METHODS",
+    "MIXED_KINDS",
+    "MoCo",
+    "SiameseMethod",
+    "SimCLR",
+    "SimSiam",
+    "build_method",
+]

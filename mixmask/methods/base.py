@@ -1,0 +1,93 @@
+"""The shared shape of every Siamese method: original loss, one λ-weighted term per mixed batch, and their sum."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from mixmask.types import MixedBatch
+
+MIXED_KINDS = ("mixmask", "unmix", "erase")
+
+
+class SiameseMethod(nn.Module):
+    """Base class: `forward(view1, view2, mixed)` returns named loss terms, `loss` (their sum) and detached stats.
+
+    Subclasses implement `original_loss` (the base method's loss, returning whatever its mix terms need as
+    `targets`) and `mixed_loss` (the soft loss of one MixedBatch against those targets). The mixed images are built
+    from view1, so each mixed term regresses/contrasts the mixed view-1 embedding against the view-2 targets t_i and
+    t_π(i) (DESIGN.md). `after_step(progress)` runs after each optimizer step.
+
+    Attributes:
+        backbone: the plain backbone (what `backbone.pt` exports).
+    """
+
+    backbone: nn.Module
+
+    def forward(
+        self, view1: torch.Tensor, view2: torch.Tensor, mixed: Sequence[MixedBatch] = ()
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms for one step.
+
+        Shape:
+            view1, view2: (B, 3, H, W); each MixedBatch: images (B, 3, H, W), lam (B,), perm (B,)
+        Returns:
+            `loss_orig`, `loss_<kind>` per MixedBatch, `loss` (to backprop), `lam_mean_<kind>`, `lam_std_<kind>`.
+        """
+        kinds = [batch.kind for batch in mixed]
+        unknown = sorted(set(kinds) - set(MIXED_KINDS))
+        if unknown or len(set(kinds)) != len(kinds):
+            raise ValueError(f"mixed batches must have distinct kinds among {MIXED_KINDS}, got {kinds}")
+        loss_orig, targets = self.original_loss(view1, view2)
+        out = {"loss_orig": loss_orig}
+        total = loss_orig
+        for batch in mixed:
+            term = self.mixed_loss(batch, targets)
+            out[f"loss_{batch.kind}"] = term
+            total = total + term
+            lam = batch.lam.detach().float()
+            out[f"lam_mean_{batch.kind}"] = lam.mean()
+            out[f"lam_std_{batch.kind}"] = lam.std(unbiased=False)
+        self.finish_forward(targets)
+        out["loss"] = total
+        return out
+
+    def original_loss(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The base method's loss on the two views, and the targets the mixed terms use."""
+        raise NotImplementedError
+
+    def mixed_loss(self, batch: MixedBatch, targets: Any) -> torch.Tensor:
+        """mean_i[λ_i ℓ(z_i, t_i) + (1 − λ_i) ℓ(z_i, t_π(i))] for the embeddings z of `batch.images`."""
+        raise NotImplementedError
+
+    def finish_forward(self, targets: Any) -> None:
+        """State updates that follow the loss (MoCo's enqueue)."""
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        """Called by the loop after each optimizer step; progress = step / total_steps in [0, 1]."""
+
+
+@torch.no_grad()
+def momentum_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """target ← momentum·target + (1 − momentum)·online, parameter-wise (MoCo Eq. 2; BYOL Eq. 1).
+
+    Buffers (BN running statistics) are left alone: both encoders run BN in training mode, and the target's
+    running statistics follow its own forwards, as in the official MoCo code.
+    """
+    target_params = list(target.parameters())
+    online_params = list(online.parameters())
+    torch._foreach_mul_(target_params, momentum)
+    torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` initialised to its weights, with gradients disabled (momentum / EMA encoders)."""
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin

@@ -1,0 +1,127 @@
+"""MoCo v1 / v2 with MixMask's soft loss: query encoder, momentum key encoder, queue of negatives, shuffle-BN.
+
+He et al. 2020 ("Momentum Contrast", v1: linear head) and Chen et al. 2020 ("Improved Baselines", v2: MLP head);
+the mixed term follows the official MixMask code, a MoCo fork: the mixed query's positives are the key of its own
+image and the key of the image it was mixed with, against the same queue.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mixmask import distributed
+from mixmask.losses import info_nce, info_nce_soft
+from mixmask.methods.base import SiameseMethod, frozen_copy, momentum_update_
+from mixmask.methods.heads import mlp
+from mixmask.types import MixedBatch
+
+
+class MoCo(SiameseMethod):
+    """MoCo: `L_orig = InfoNCE(q(view1), k(view2), queue)`, asymmetric as in the official code.
+
+    Defaults are the CIFAR-100 recipe of MixMask's Table 8 (dim 128, K 4096, m 0.99, T 0.1); ImageNet uses
+    K 65536, m 0.999, T 0.2. The momentum update runs at the *start* of forward, before the keys are computed, as
+    in the official MoCo code (so the first step's keys come from an encoder equal to the query encoder, and a
+    resumed run reproduces the same sequence). The queue enqueues the keys gathered from all ranks in rank order,
+    after the loss, so a step never contrasts against its own keys.
+
+    Shuffle-BN (default) permutes the key batch across ranks so the key encoder's per-device BN statistics do not
+    leak which samples are positives; it is the identity in a single process. `sync_bn=True` converts both encoders
+    to SyncBatchNorm instead (shuffling then is redundant; turn it off with `shuffle_bn=False`).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        feature_dim: int,
+        version: int = 2,
+        dim: int = 128,
+        mlp_hidden_dim: int | None = None,
+        queue_size: int = 4096,
+        momentum: float = 0.99,
+        temperature: float = 0.1,
+        shuffle_bn: bool = True,
+        sync_bn: bool = False,
+    ) -> None:
+        super().__init__()
+        if version not in (1, 2):
+            raise ValueError(f"moco version must be 1 (linear head) or 2 (MLP head), got {version}")
+        if sync_bn:
+            backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+        self.backbone = backbone
+        if version == 1:
+            self.head: nn.Module = nn.Linear(feature_dim, dim)
+        else:
+            self.head = mlp(feature_dim, mlp_hidden_dim or feature_dim, dim, hidden_bn=False)
+        self.backbone_k = frozen_copy(self.backbone)
+        self.head_k = frozen_copy(self.head)
+        self.momentum = momentum
+        self.temperature = temperature
+        self.shuffle_bn = shuffle_bn
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # (K, dim) unit keys
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def encode_query(self, images: torch.Tensor) -> torch.Tensor:
+        """Query embeddings (not normalised; the losses normalise in fp32).
+
+        Shape:
+            images: (B, 3, H, W) → (B, dim)
+        """
+        return self.head(self.backbone(images))
+
+    @torch.no_grad()
+    def encode_key(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm fp32 keys from the momentum encoder, through shuffle-BN when enabled.
+
+        Shape:
+            images: (B, 3, H, W) → (B, dim)
+        """
+        if self.shuffle_bn:
+            images, idx_unshuffle = distributed.batch_shuffle(images)
+        k = F.normalize(self.head_k(self.backbone_k(images)).float(), dim=1)
+        if self.shuffle_bn:
+            k = distributed.batch_unshuffle(k, idx_unshuffle)
+        return k
+
+    def original_loss(
+        self, view1: torch.Tensor, view2: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        with torch.no_grad():
+            momentum_update_(self.backbone_k, self.backbone, self.momentum)
+            momentum_update_(self.head_k, self.head, self.momentum)
+            k = self.encode_key(view2)
+        # Autograd keeps the negatives for backward, and the enqueue below writes the queue in place: snapshot it.
+        negatives = self.queue.clone()
+        q = self.encode_query(view1)
+        return info_nce(q, k, negatives, self.temperature).mean(), (k, negatives)
+
+    def mixed_loss(self, batch: MixedBatch, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        k, negatives = targets
+        q = self.encode_query(batch.images)
+        return info_nce_soft(q, k, k[batch.perm], negatives, batch.lam, self.temperature)
+
+    @torch.no_grad()
+    def finish_forward(self, targets: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._enqueue(distributed.concat_all_gather(targets[0]))
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor) -> None:
+        """Overwrite the oldest queue rows with `keys` (the gathered batch, in rank order).
+
+        Shape:
+            keys: (N, dim), N the global batch; the queue size must be a multiple of N.
+        """
+        queue_size, global_batch = self.queue.shape[0], keys.shape[0]
+        if queue_size % global_batch:
+            raise ValueError(
+                f"moco queue_size={queue_size} must be a multiple of the global batch {global_batch}; "
+                f"pick e.g. {queue_size - queue_size % global_batch or global_batch}"
+            )
+        # The pointer stays on the device: index arithmetic instead of `int(ptr)` keeps the step free of a
+        # host sync (the official code reads it on the host every step).
+        rows = (self.queue_ptr + torch.arange(global_batch, device=keys.device)) % queue_size
+        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
+        self.queue_ptr.add_(global_batch).remainder_(queue_size)
