@@ -135,7 +135,7 @@ def train(cfg: Config, run: launch.Launch) -> int:
 
     metrics = MetricsWriter(run_dir, tensorboard=cfg.run.tensorboard, enabled=run.is_main)
     view.close()
-    view = ProgressView(total_steps, enabled=run.is_main and cfg.run.progress, start_step=step)
+    view = ProgressView(comp["stop_step"], enabled=run.is_main and cfg.run.progress, start_step=step)
     view.message(f"run dir {run_dir} · {cfg.method.name}/{cfg.method.branch} · {run.world_size} x {device} · "
                  f"global batch {comp['global_batch']} · {steps_per_epoch} steps/epoch · lr {comp['lr']:.4g}")
     stop = StopRequest()
@@ -192,7 +192,7 @@ def train(cfg: Config, run: launch.Launch) -> int:
                 sums[k] = sums.get(k, 0) + v.detach().float()
             window["steps"] += 1
 
-            last_step = step == total_steps or step_in_epoch == steps_per_epoch
+            last_step = step == comp["stop_step"] or step_in_epoch == steps_per_epoch
             if step % cfg.run.log_every == 0 or last_step:
                 # Sync point: the only host-device synchronisation in the loop, every log_every steps.
                 stop_now, bad = stop.agreed(run, nonfinite)

@@ -203,6 +203,8 @@ def derived(cfg: Config, world_size: int, steps_per_epoch: int | None = None) ->
     }
     if steps_per_epoch is not None:
         out["steps_per_epoch"] = steps_per_epoch
-        total = steps_per_epoch * cfg.run.epochs
-        out["total_steps"] = min(total, cfg.run.max_steps) if cfg.run.max_steps else total
+        # The schedule always spans all epochs; run.max_steps only stops early (so a capped smoke run and the
+        # first part of a full run take identical steps).
+        out["total_steps"] = steps_per_epoch * cfg.run.epochs
+        out["stop_step"] = min(out["total_steps"], cfg.run.max_steps) if cfg.run.max_steps else out["total_steps"]
     return out

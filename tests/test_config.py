@@ -118,11 +118,17 @@ def test_bad_yaml_files(tmp_path):
         resolve("demo", bad)
 
 
+def capped_epochs():
+    return resolve("demo").run.epochs
+
+
 def test_derived_values_are_not_written_back():
     cfg = resolve("cifar100-moco-mixmask", None, ["data.batch_size=256"])
     comp = derived(cfg, world_size=4, steps_per_epoch=100)
     assert comp["batch_size_per_rank"] == 64 and comp["lr"] == pytest.approx(0.03)
-    assert comp["total_steps"] == 100 * 1000
+    assert comp["total_steps"] == 100 * 1000 and comp["stop_step"] == 100 * 1000
+    capped = derived(resolve("demo", None, ["run.max_steps=5"]), world_size=1, steps_per_epoch=100)
+    assert capped["stop_step"] == 5 and capped["total_steps"] == 100 * capped_epochs()
     assert cfg.optim.base_lr == 0.06 and cfg.data.batch_size == 256
     with pytest.raises(UserError, match="not divisible"):
         derived(cfg, world_size=3)
