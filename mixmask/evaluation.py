@@ -1,42 +1,58 @@
-"""Evaluation protocols shared by the kNN monitor in train.py and by eval.py: features and weighted kNN."""
+"""Evaluation pieces shared by the kNN monitor in train.py and by eval.py: features, weighted kNN, accuracies,
+and rebuilding a backbone from a training checkpoint."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mixmask import distributed as dist_utils
+from mixmask.errors import UserError
 
 
 @torch.no_grad()
-def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, *,
-                k: int = 200, temperature: float = 0.1, num_classes: int, chunk_size: int = 1024) -> torch.Tensor:
-    """Weighted kNN on cosine similarity: each of the k nearest neighbours votes exp(sim / T) for its label.
+def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, *,
+               k: int = 200, temperature: float = 0.1, num_classes: int, chunk_size: int = 1024) -> torch.Tensor:
+    """Class votes of weighted kNN on cosine similarity: each of the k nearest neighbours votes exp(sim / T).
 
     This is the monitor of the MoCo CIFAR demo and Un-Mix (Wu et al., 2018, instance discrimination). Features are
     L2-normalised here, so callers may pass raw backbone outputs. Test features are processed in chunks so the
-    (chunk, N_train) similarity matrix bounds memory.
+    (chunk, N_train) similarity matrix bounds memory; k is clipped to N_train.
 
     Shape:
-        train_features: (N, D); train_labels: (N,) long; test_features: (M, D) → (M,) long
+        train_features: (N, D); train_labels: (N,) long; test_features: (M, D) → (M, num_classes) float32
     """
     train = F.normalize(train_features.float(), dim=1)
     labels = train_labels.to(train.device).long()
     k = min(k, train.shape[0])
-    preds = []
+    scores = []
     for start in range(0, test_features.shape[0], chunk_size):
         test = F.normalize(test_features[start:start + chunk_size].float().to(train.device), dim=1)
         sim = test @ train.T  # (chunk, N)
         top_sim, top_idx = sim.topk(k, dim=1)
         votes = torch.zeros(test.shape[0], num_classes, device=train.device)
         votes.scatter_add_(1, labels[top_idx], (top_sim / temperature).exp())
-        preds.append(votes.argmax(dim=1))
-    if not preds:
-        return torch.empty(0, dtype=torch.long, device=train.device)
-    return torch.cat(preds)
+        scores.append(votes)
+    if not scores:
+        return torch.empty(0, num_classes, device=train.device)
+    return torch.cat(scores)
+
+
+@torch.no_grad()
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, *,
+                k: int = 200, temperature: float = 0.1, num_classes: int, chunk_size: int = 1024) -> torch.Tensor:
+    """Weighted kNN predictions: the class with the most `knn_scores` votes.
+
+    Shape:
+        train_features: (N, D); train_labels: (N,) long; test_features: (M, D) → (M,) long
+    """
+    votes = knn_scores(train_features, train_labels, test_features, k=k, temperature=temperature,
+                       num_classes=num_classes, chunk_size=chunk_size)
+    return votes.argmax(dim=1)
 
 
 @torch.no_grad()
@@ -94,3 +110,91 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...
         hit = (logits.topk(kk, dim=1).indices == target[:, None]).any(dim=1)
         out[k] = 100.0 * hit.float().mean().item()
     return out
+
+
+def unshard(x: torch.Tensor, world_size: int, num_samples: int | None) -> torch.Tensor:
+    """Undo the strided sharding of an unshuffled evaluation epoch after `gather_variable`, dropping the padding.
+
+    Rank r visits positions r, r + W, r + 2W, ... of an order padded by wrap-around to a multiple of W
+    (`pipelines.loaders.sharding`), so the rank-major gathered tensor, viewed as (W, P), transposed, is the dataset
+    order; the first `num_samples` rows are the dataset without the duplicated padding. Unknown `num_samples` or a
+    layout that does not match (e.g. a backend that shards differently) returns `x` unchanged.
+
+    Shape:
+        x: (W·P, ...) → (num_samples, ...)
+    """
+    if world_size <= 1 or num_samples is None or x.shape[0] % world_size:
+        return x
+    per_rank = x.shape[0] // world_size
+    if per_rank * world_size < num_samples or (per_rank - 1) * world_size >= num_samples:
+        return x
+    return x.view(world_size, per_rank, *x.shape[1:]).transpose(0, 1).reshape(x.shape)[:num_samples]
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    """UserError when the data holds a label outside [0, num_classes) (a dataset with more classes than expected)."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise UserError(f"the {what} data has labels up to {int(labels.max())} but {num_classes} classes were "
+                        "expected: the dataset's class count differs from the one the evaluation was set up for")
+
+
+# ---- checkpoints → backbone
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a user named: a .pt file, or a run directory (its `checkpoints/last.pt`)."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise UserError(f"run directory {str(path)!r} holds no checkpoints/last.pt (was the run started?)")
+    if not path.exists():
+        raise UserError(f"checkpoint {str(path)!r} does not exist (pass checkpoints/last.pt or the run directory)")
+    return path
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory of a checkpoint (`RUN/checkpoints/last.pt` → `RUN`)."""
+    parent = checkpoint.parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def describe_backbone(state: dict[str, torch.Tensor]) -> str:
+    """'resnet50, ImageNet stem' style description of a torchvision ResNet state dict, for error messages."""
+    if "conv1.weight" not in state:
+        return "an unknown architecture"
+    arch = "resnet50" if "layer1.0.conv3.weight" in state else "resnet18"
+    if arch == "resnet18" and "layer4.1.conv2.weight" not in state:
+        arch = "a small ResNet"
+    stem = "CIFAR stem" if state["conv1.weight"].shape[-1] == 3 else "ImageNet stem"
+    return f"{arch} ({stem})"
+
+
+def backbone_state(method_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `backbone.*` entries of a method state dict, prefix removed (torchvision names)."""
+    return {k[len("backbone."):]: v for k, v in method_state.items() if k.startswith("backbone.")}
+
+
+def load_backbone(state: dict[str, torch.Tensor], arch: str, *, cifar_stem: bool, source: str
+                  ) -> tuple[nn.Module, int]:
+    """A fresh `arch` backbone holding `state`, and its feature width; UserError naming both architectures
+    when they do not match.
+
+    The load is non-strict only to turn a mismatch into a clear message: missing and unexpected keys are checked
+    to be exactly none (the MoCo v3 habit of asserting the exact missing keys).
+    """
+    from mixmask.backbones import build_backbone
+
+    backbone, feature_dim = build_backbone(arch, cifar_stem=cifar_stem)
+    expected = backbone.state_dict()
+    wanted = f"{arch} ({'CIFAR' if cifar_stem else 'ImageNet'} stem)"
+    mismatch = UserError(f"{source} holds a {describe_backbone(state)} backbone but method.arch={arch} "
+                         f"method.cifar_stem={cifar_stem} asks for a {wanted}; drop the method.* overrides "
+                         "(the architecture comes from the checkpoint)")
+    if any(k in expected and expected[k].shape != v.shape for k, v in state.items()):
+        raise mismatch
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise mismatch
+    return backbone, feature_dim

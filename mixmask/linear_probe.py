@@ -1,0 +1,171 @@
+"""Linear evaluation of a frozen backbone: the MoCo protocol (He et al. 2020, `main_lincls.py`).
+
+A linear classifier on the features of a frozen backbone kept in eval mode (BatchNorm uses its running statistics),
+trained with SGD (lr 30, momentum 0.9, no weight decay) and a step schedule (÷10 at 60% and 80% of the epochs) or
+a cosine one. Two paths: on cached features of centre crops (fast: the backbone runs once), or on augmented images
+(random-resized-crop + flip, the backbone runs every epoch). MoCo v3's sanity check confirms afterwards that the
+frozen weights did not change.
+
+Every rank must call the training functions (they all-reduce gradients and gather logits when distributed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixmask import distributed as dist_utils
+from mixmask.evaluation import gather_variable, topk_accuracy
+
+
+def linear_lr(epoch: float, epochs: int, base_lr: float, schedule: str, milestones: tuple[float, ...] = (0.6, 0.8)
+              ) -> float:
+    """Learning rate at (fractional) `epoch`: step (÷10 at each milestone fraction, MoCo) or cosine to zero."""
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule != "step":
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return base_lr * 0.1 ** sum(epoch >= m * epochs for m in milestones)
+
+
+def linear_head(feature_dim: int, num_classes: int) -> nn.Linear:
+    """The classifier, initialised as MoCo's `main_lincls.py` (weights N(0, 0.01), bias 0)."""
+    head = nn.Linear(feature_dim, num_classes)
+    nn.init.normal_(head.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def freeze(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Freeze `backbone` (no gradients, eval mode) and return a CPU copy of its state for `assert_unchanged`."""
+    backbone.eval()
+    backbone.requires_grad_(False)
+    return {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+
+
+def changed_keys(backbone: nn.Module, reference: dict[str, torch.Tensor]) -> list[str]:
+    """State-dict entries (weights and BN buffers) of `backbone` that differ from `reference`, or are missing."""
+    state = backbone.state_dict()
+    changed = [k for k in reference if k not in state or not torch.equal(state[k].detach().cpu(), reference[k])]
+    return changed + [k for k in state if k not in reference]
+
+
+def assert_unchanged(backbone: nn.Module, reference: dict[str, torch.Tensor]) -> None:
+    """MoCo v3's `sanity_check`: the frozen backbone, running BN statistics included, is bit-identical.
+
+    A failure is a bug in the protocol (a parameter left trainable, BN left in train mode), hence AssertionError.
+    """
+    changed = changed_keys(backbone, reference)
+    assert not changed, f"the frozen backbone changed during linear evaluation: {changed[:5]}"
+
+
+def _sgd(head: nn.Module, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+
+
+def _average_gradients(module: nn.Module) -> None:
+    # Each rank trains on its own shard: averaging gradients keeps the replicas identical (what DDP would do).
+    if not dist_utils.is_distributed():
+        return
+    world = dist_utils.get_world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+
+
+def train_on_features(features: torch.Tensor, labels: torch.Tensor, head: nn.Linear, *, epochs: int, lr: float,
+                      schedule: str, batch_size: int, generator: torch.Generator | None = None) -> list[float]:
+    """Train `head` on cached features (every rank holds all of them and does the same, identical work).
+
+    Returns the mean training loss of each epoch.
+
+    Shape:
+        features: (N, D) float; labels: (N,) long
+    """
+    optimizer = _sgd(head, lr)
+    n = features.shape[0]
+    steps = max(1, math.ceil(n / batch_size))
+    losses = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator).to(features.device)
+        total = torch.zeros((), device=features.device)
+        for i in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = linear_lr(epoch + i / steps, epochs, lr, schedule)
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            loss = F.cross_entropy(head(features[idx]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+        losses.append(total.item() / steps)  # sync point: once per epoch
+    return losses
+
+
+def train_on_images(backbone: nn.Module, head: nn.Linear, loader: Iterable, *, epochs: int, lr: float,
+                    schedule: str, device: torch.device, dtype: torch.dtype | None = None) -> list[float]:
+    """Train `head` on frozen-backbone features of augmented images; the loader yields this rank's shard.
+
+    `loader` may have `set_epoch(epoch)` (reshuffles and redraws the augmentation); the backbone stays in eval mode.
+    """
+    optimizer = _sgd(head, lr)
+    steps = max(1, len(loader))  # type: ignore[arg-type]
+    losses = []
+    for epoch in range(epochs):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        backbone.eval()
+        total, count = torch.zeros((), device=device), 0
+        for i, (images, y) in enumerate(loader):
+            for group in optimizer.param_groups:
+                group["lr"] = linear_lr(epoch + i / steps, epochs, lr, schedule)
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                feats = backbone(images.to(device, non_blocking=True))
+            loss = F.cross_entropy(head(feats.float()), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _average_gradients(head)
+            optimizer.step()
+            total += loss.detach()
+            count += 1
+        losses.append(total.item() / max(1, count))  # sync point: once per epoch
+    return losses
+
+
+@torch.no_grad()
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """`{"top1": ..., "top5": ...}` in percent.
+
+    Shape:
+        logits: (N, C); labels: (N,) long
+    """
+    acc = topk_accuracy(logits.float(), labels.to(logits.device), ks=(1, 5))
+    return {"top1": acc[1], "top5": acc[5]}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, device: torch.device, *, dtype: torch.dtype | None = None,
+            gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of `model` (eval mode) over the loader, gathered from every rank in rank order.
+
+    Shape:
+        returns logits (N, C) float32, labels (N,) long
+    """
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for images, y in loader:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits.append(model(images.to(device, non_blocking=True)).float())
+        labels.append(y.to(device).long())
+    model.train(was_training)
+    out = torch.cat(logits) if logits else torch.empty(0, device=device)
+    lab = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device)
+    if gather and dist_utils.is_distributed():
+        out, lab = gather_variable(out), gather_variable(lab)
+    return out, lab
