@@ -1,0 +1,243 @@
+"""Convert a dataset source to an FFCV `.beton` (fields `image`, `label`) plus its JSON sidecar.
+
+Bad files never reach the FFCV writer: file-based sources are validated in a parallel pre-pass, and what fails
+is skipped and listed. The writer runs on a temporary name beside the output, and the rename happens only once
+the file is complete, so a failure leaves any earlier output untouched.
+
+    python -m pipelines.convert SOURCE --root DIR --split SPLIT --out FILE.beton [--write-mode raw|jpg|smart]
+        [--max-resolution N] [--jpeg-quality Q] [--workers N]
+    python -m pipelines.convert synthetic --out FILE.beton [--num-images N --num-classes C --resolution R --seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mixmask.errors import UserError, choice_error, cli_entry
+from pipelines.convert_writer import Reporter, validate_files, write_beton
+from pipelines.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path, write_json_atomic
+from pipelines.sources import SOURCES, SyntheticSource, open_source
+
+WRITE_MODES = ("raw", "jpg", "smart")
+# 'smart' keeps images up to 256x256 raw (decoding is the bottleneck there) and JPEG-compresses larger ones.
+SMART_THRESHOLD_BYTES = 256 * 256 * 3
+
+
+@dataclass
+class ConversionSummary:
+    """What a conversion did: counts, skipped files with reasons, options and speed."""
+
+    source: str
+    split: str
+    out: Path
+    sidecar: Path
+    num_written: int
+    num_skipped: int
+    skipped: list[tuple[str, str]]
+    class_names: list[str]
+    class_counts: list[int]
+    write_mode: str
+    max_resolution: int | None
+    jpeg_quality: int
+    workers: int
+    seconds: float
+    images_per_s: float
+    bytes_written: int
+    extra: dict = field(default_factory=dict)
+
+
+def _check_options(write_mode: str, max_resolution: int | None, jpeg_quality: int, workers: int | None) -> int:
+    """Validate the write options; returns the worker count to use."""
+    if write_mode not in WRITE_MODES:
+        raise choice_error("write mode", write_mode, WRITE_MODES)
+    if max_resolution is not None and not 1 <= max_resolution <= 65535:
+        raise UserError(f"max_resolution must be in 1..65535, got {max_resolution}")
+    if not 1 <= jpeg_quality <= 100:
+        raise UserError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+    if workers is not None and workers < 1:
+        raise UserError(f"workers must be at least 1, got {workers}")
+    return workers if workers is not None else max(1, min(os.cpu_count() or 1, 16))
+
+
+def _check_out(out: Path) -> Path:
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name such as {out / 'data.beton'}")
+    if not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write to {out.parent}")
+    return out
+
+
+def convert(source: str, out: Path, *, root: str | Path | None = None, split: str = "train",
+            write_mode: str = "raw", max_resolution: int | None = None, jpeg_quality: int = 90,
+            workers: int | None = None, num_images: int = 2000, num_classes: int = 10, resolution: int = 32,
+            seed: int = 0, progress: bool = False) -> ConversionSummary:
+    """Convert split `split` of `source` to `out` (+ `out.json`); UserError when nothing can be converted."""
+    num_workers = _check_options(write_mode, max_resolution, jpeg_quality, workers)
+    out = _check_out(out)
+    src = open_source(source, root, split, num_images=num_images, num_classes=num_classes,
+                      resolution=resolution, seed=seed)
+    # FFCV's import compiles numba code for seconds: pay it before the clock starts so images/s means writing.
+    import ffcv.writer  # noqa: F401
+
+    start = time.perf_counter()
+    skipped: list[tuple[str, str]] = list(src.ignored)
+    with Reporter(progress) as reporter:
+        # Array-backed sources hold valid pixels by construction; synthetic ones are made block by block in the
+        # writer's workers (asking for all its arrays here would generate the whole set up front).
+        if isinstance(src, SyntheticSource):
+            good = np.arange(len(src), dtype=np.int64)
+            max_hw = (src.resolution, src.resolution)
+        elif src.arrays() is not None:
+            images, _ = src.arrays()
+            good = np.arange(len(src), dtype=np.int64)
+            max_hw = images.shape[1:3] if len(images) else (0, 0)
+        else:
+            good, bad, max_hw = validate_files(src, num_workers, reporter)
+            skipped += bad
+        if len(good) == 0:
+            what = f"{len(skipped)} files were skipped" if skipped else "it holds no images"
+            hint = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+            raise UserError(f"nothing to convert from {source} {src.split} at {root}: {what}{hint}")
+        chunk = SyntheticSource.block_size if isinstance(src, SyntheticSource) else 100
+        write_beton(src, good, out, write_mode=write_mode, max_resolution=max_resolution,
+                    jpeg_quality=jpeg_quality, smart_threshold=SMART_THRESHOLD_BYTES, max_hw=max_hw,
+                    num_workers=num_workers, chunksize=chunk, reporter=reporter,
+                    before_rename=lambda seconds: _write_sidecar(out, src, good, skipped, seconds,
+                                                                 write_mode, max_resolution, jpeg_quality,
+                                                                 num_workers))
+    seconds = time.perf_counter() - start
+    labels = np.fromiter((src.label(int(i)) for i in good), dtype=np.int64, count=len(good))
+    return ConversionSummary(
+        source=source, split=src.split, out=out, sidecar=sidecar_path(out), num_written=len(good),
+        num_skipped=len(skipped), skipped=skipped, class_names=list(src.class_names),
+        class_counts=np.bincount(labels, minlength=len(src.class_names)).tolist(), write_mode=write_mode,
+        max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=num_workers, seconds=seconds,
+        images_per_s=len(good) / max(seconds, 1e-9), bytes_written=out.stat().st_size, extra=src.describe())
+
+
+def _write_sidecar(out: Path, src, good: np.ndarray, skipped: list[tuple[str, str]], seconds: float,
+                   write_mode: str, max_resolution: int | None, jpeg_quality: int, workers: int) -> None:
+    """Write `out.json`; called by the writer just before the `.beton` is renamed into place."""
+    import ffcv
+
+    labels = np.fromiter((src.label(int(i)) for i in good), dtype=np.int64, count=len(good))
+    data = {
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "beton": out.name,
+        "source": src.name,
+        "split": src.split,
+        "source_info": src.describe(),
+        "fields": {"image": "RGBImageField", "label": "IntField"},
+        "class_names": list(src.class_names),
+        "num_classes": len(src.class_names),
+        "class_counts": np.bincount(labels, minlength=len(src.class_names)).tolist(),
+        "num_written": int(len(good)),
+        "num_skipped": len(skipped),
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "write": {"mode": write_mode, "max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
+                  "smart_threshold_bytes": SMART_THRESHOLD_BYTES if write_mode == "smart" else None,
+                  "workers": workers},
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(good) / max(seconds, 1e-9), 1),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "ffcv_version": getattr(ffcv, "__version__", "unknown"),
+    }
+    write_json_atomic(sidecar_path(out), data)
+
+
+def summary_dict(summary: ConversionSummary) -> dict:
+    """The summary as JSON-ready values."""
+    data = asdict(summary)
+    data["out"], data["sidecar"] = str(summary.out), str(summary.sidecar)
+    return data
+
+
+def print_summary(summary: ConversionSummary, file=None) -> None:
+    """One screen: what was written, how fast, and the first skipped files."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout)
+    table = Table(title=f"{summary.source} {summary.split} → .beton", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    counts = summary.class_counts
+    rows = [
+        ("output", str(summary.out)),
+        ("images written", f"{summary.num_written:,}"),
+        ("skipped", f"{summary.num_skipped:,}"),
+        ("classes", f"{len(summary.class_names)} (per class {min(counts)}–{max(counts)})" if counts else "0"),
+        ("first classes", ", ".join(summary.class_names[:5]) + (" …" if len(summary.class_names) > 5 else "")),
+        ("write mode", summary.write_mode + (f", max side {summary.max_resolution}" if summary.max_resolution
+                                             else "") + (f", JPEG q{summary.jpeg_quality}"
+                                                         if summary.write_mode != "raw" else "")),
+        ("workers", str(summary.workers)),
+        ("size", f"{summary.bytes_written / 2**20:,.1f} MiB"),
+        ("time", f"{summary.seconds:.2f} s ({summary.images_per_s:,.0f} images/s)"),
+        ("sidecar", str(summary.sidecar)),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    shown = summary.skipped[:10]
+    for path, reason in shown:
+        console.print(f"  skipped {path}: {reason}", highlight=False, markup=False, soft_wrap=True)
+    if summary.num_skipped > len(shown):
+        console.print(f"  … and {summary.num_skipped - len(shown)} more (all listed in the sidecar)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.convert", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help=f"one of: {', '.join(SOURCES)}")
+    parser.add_argument("--root", help="dataset folder as downloaded (not for synthetic)")
+    parser.add_argument("--split", default="train", help="train or val (cifar100 also accepts test = val)")
+    parser.add_argument("--out", required=True, type=Path, help="output FILE.beton (sidecar: FILE.beton.json)")
+    parser.add_argument("--write-mode", default="raw", help="raw (pixel-exact), jpg or smart")
+    parser.add_argument("--max-resolution", type=int, default=None, help="shrink images so the longer side ≤ N")
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for jpg/smart (1-100)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 16)")
+    parser.add_argument("--num-images", type=int, default=2000, help="synthetic: number of images")
+    parser.add_argument("--num-classes", type=int, default=10, help="synthetic: number of classes")
+    parser.add_argument("--resolution", type=int, default=32, help="synthetic: image side in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic: seed (val uses its own stream)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports usage mistakes as UserError, so they print as one line like every other error."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    parser.__class__ = _OneLineParser
+    args = parser.parse_args(argv)
+    if args.source == "synthetic" and args.root:
+        raise UserError("synthetic takes no --root; use --num-images, --num-classes, --resolution, --seed")
+    summary = convert(args.source, args.out, root=args.root, split=args.split, write_mode=args.write_mode,
+                      max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality, workers=args.workers,
+                      num_images=args.num_images, num_classes=args.num_classes, resolution=args.resolution,
+                      seed=args.seed, progress=not args.no_progress and sys.stderr.isatty())
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
