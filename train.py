@@ -87,7 +87,7 @@ def train(cfg: Config, run: launch.Launch) -> int:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    view = ProgressView(0, enabled=run.is_main and cfg.run.progress)
+    view = ProgressView(0, is_main=run.is_main, show_steps=False)
 
     # ---- data: the synthetic default is converted on first use (rank 0), then every rank opens its shard
     data = prepare_data(cfg, run, log=view.message)
@@ -135,7 +135,7 @@ def train(cfg: Config, run: launch.Launch) -> int:
 
     metrics = MetricsWriter(run_dir, tensorboard=cfg.run.tensorboard, enabled=run.is_main)
     view.close()
-    view = ProgressView(comp["stop_step"], enabled=run.is_main and cfg.run.progress, start_step=step)
+    view = ProgressView(comp["stop_step"], is_main=run.is_main, show_steps=cfg.run.progress, start_step=step)
     view.message(f"run dir {run_dir} · {cfg.method.name}/{cfg.method.branch} · {run.world_size} x {device} · "
                  f"global batch {comp['global_batch']} · {steps_per_epoch} steps/epoch · lr {comp['lr']:.4g}")
     stop = StopRequest()
@@ -247,8 +247,9 @@ def train(cfg: Config, run: launch.Launch) -> int:
         if run.is_main:
             print(f"error: {msg}; lower optim.base_lr or check the data", file=sys.stderr)
         return exit_code
-    if reason == "done" and run.is_main:
-        write_run_artifacts(cfg, method, run_dir, knn_loaders, device, use_bf16, log=view.message)
+    if reason == "done":
+        write_run_artifacts(cfg, method, run_dir, knn_loaders, device, use_bf16, log=view.message,
+                            is_main=run.is_main)
     metrics.close()
     return exit_code
 

@@ -50,7 +50,8 @@ class DataConfig:
 class AugConfig:
     recipe: str = opt("mocov2", "two-view augmentation recipe (small-image variants without blur at <= 64 px)",
                       choices=RECIPES)
-    crop_min_scale: float = opt(0.2, "random-resized-crop minimum area fraction", gt=0.0, le=1.0)
+    crop_min_scale: float | None = opt(None, "random-resized-crop minimum area fraction (None = the recipe's own)",
+                                       gt=0.0, le=1.0)
 
 
 @dataclass

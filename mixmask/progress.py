@@ -25,12 +25,17 @@ def format_stats(stats: dict[str, float]) -> str:
 
 
 class ProgressView:
-    """Epoch/step progress with the latest stats; a no-op on ranks other than 0 or when disabled."""
+    """Epoch/step progress with the latest stats on rank 0 (`show_steps`), and one-off messages there.
 
-    def __init__(self, total_steps: int, *, enabled: bool, console: Console | None = None, start_step: int = 0):
-        self.enabled = enabled
+    Messages (resume, signals, kNN, outputs) print on rank 0 whatever `show_steps` says; other ranks print nothing.
+    """
+
+    def __init__(self, total_steps: int, *, is_main: bool, show_steps: bool = True, console: Console | None = None,
+                 start_step: int = 0):
+        self.is_main = is_main
+        self.enabled = is_main and show_steps
         self.console = console or Console(stderr=True)
-        self.live = enabled and self.console.is_terminal
+        self.live = self.enabled and self.console.is_terminal
         self._progress: Progress | None = None
         self._start = time.perf_counter()
         self._total = total_steps
@@ -53,11 +58,11 @@ class ProgressView:
         elif text is not None:
             elapsed = time.perf_counter() - self._start
             self.console.print(f"epoch {epoch + 1}/{epochs} step {step}/{self._total} [{elapsed:.0f}s] {text}",
-                               highlight=False)
+                               highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text, highlight=False)
+        if self.is_main:
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self._progress is not None:

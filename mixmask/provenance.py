@@ -27,7 +27,7 @@ def git_commit() -> str:
 def versions() -> dict[str, str]:
     from importlib import metadata
 
-    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out = {"python": platform.python_version(), "torch": str(torch.__version__)}
     for dist in ("torchvision", "nvidia-dali-cuda130", "ffcv", "numba", "numpy"):
         try:
             out[dist] = metadata.version(dist)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -93,16 +93,20 @@ def prepare_data(cfg: Config, run: launch.Launch, log: Callable[[str], None]) ->
 
 def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_per_rank: int, use_bf16: bool):
     """The two-view training loader and, when a held-out split exists, the (bank, query) kNN monitor loaders."""
+    from pipelines.augment import recipe
     from pipelines.loaders import build_eval_loader, build_two_view_loader
 
     dtype = torch.bfloat16 if use_bf16 else torch.float32
+    views = recipe(cfg.aug.recipe, cfg.data.resolution)
+    if cfg.aug.crop_min_scale is not None:
+        views = tuple(replace(v, crop_scale=(cfg.aug.crop_min_scale, v.crop_scale[1])) for v in views)
     common = dict(source=cfg.data.source, resolution=cfg.data.resolution, rank=run.rank,
                   world_size=run.world_size, workers=cfg.data.workers, device=run.device)
     train = build_two_view_loader(
         cfg.data.backend, path=data.train, split="train", batch_size_per_rank=batch_size_per_rank,
-        recipe=cfg.aug.recipe, seed=cfg.run.seed, dtype=dtype, channels_last=cfg.run.channels_last,
+        recipe=views, seed=cfg.run.seed, dtype=dtype, channels_last=cfg.run.channels_last,
         os_cache=cfg.data.os_cache, batches_ahead=cfg.data.batches_ahead, synthetic=data.synthetic_train or None,
-        crop_min_scale=cfg.aug.crop_min_scale, **common)
+        **common)
     if cfg.run.knn_every == 0 or (data.val is None and cfg.data.source != "synthetic"):
         return train, None
     eval_batch = max(1, min(256, cfg.eval.batch_size // run.world_size))
@@ -158,13 +162,27 @@ def knn_monitor(backbone: torch.nn.Module, loaders, cfg: Config, device: torch.d
 
 
 def write_run_artifacts(cfg: Config, method: torch.nn.Module, run_dir: Path, knn_loaders, device: torch.device,
-                        use_bf16: bool, log: Callable[[str], None]) -> dict:
-    """backbone.pt, the loss curve and mask figure, and kNN of the trained backbone beside a random-init one."""
+                        use_bf16: bool, log: Callable[[str], None], *, is_main: bool = True) -> dict:
+    """backbone.pt, the loss curve and mask figure, and kNN of the trained backbone beside a random-init one.
+
+    Every rank calls this (the kNN evaluations are collectives); rank 0 alone writes files.
+    """
+    out: dict = {}
+    if knn_loaders is not None:
+        trained = knn_monitor(method.backbone, knn_loaders, cfg, device, use_bf16)
+        torch.manual_seed(cfg.run.seed)
+        random_init = build_method_from_config(cfg).backbone.to(device)
+        baseline = knn_monitor(random_init, knn_loaders, cfg, device, use_bf16)
+        out.update(knn_top1=trained, knn_top1_random_init=baseline)
+        log(f"kNN top-1 on the held-out split: trained {trained:.2f}% vs random init {baseline:.2f}% "
+            f"(k={cfg.eval.knn_k}, {knn_loaders[2]} classes)")
+    if not is_main:
+        return out
     from mixmask.checkpoint import save_atomic
     from mixmask.report import plot_training_curves
 
     save_atomic({k: v.detach().cpu() for k, v in method.backbone.state_dict().items()}, run_dir / "backbone.pt")
-    out = {"backbone": str(run_dir / "backbone.pt")}
+    out["backbone"] = str(run_dir / "backbone.pt")
     out["loss_curve"] = str(plot_training_curves(run_dir, run_dir / "loss_curve.png"))
     try:
         from mixmask.visualize import render_mask_figure
@@ -174,14 +192,7 @@ def write_run_artifacts(cfg: Config, method: torch.nn.Module, run_dir: Path, knn
         out["masks"] = str(run_dir / "masks.png")
     except ImportError as err:  # scikit-image's bundled photographs are optional at run time
         log(f"mask figure skipped: {err}")
-    if knn_loaders is not None:
-        trained = knn_monitor(method.backbone, knn_loaders, cfg, device, use_bf16)
-        torch.manual_seed(cfg.run.seed)
-        random_init = build_method_from_config(cfg).backbone.to(device)
-        baseline = knn_monitor(random_init, knn_loaders, cfg, device, use_bf16)
-        out.update(knn_top1=trained, knn_top1_random_init=baseline)
-        log(f"kNN top-1 on the held-out split: trained {trained:.2f}% vs random init {baseline:.2f}% "
-            f"(k={cfg.eval.knn_k}, {knn_loaders[2]} classes)")
+    if "knn_top1" in out:
         (run_dir / "final_knn.json").write_text(json.dumps(out, indent=2))
     log(f"wrote {', '.join(str(v) for k, v in out.items() if isinstance(v, str))}")
     return out
