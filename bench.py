@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--recipe", default="mocov2")
     p.add_argument("--batches", type=int, default=10, help="batches per timed repeat")
+    p.add_argument("--num-images", type=int, default=1024, help="synthetic source: images generated")
 
     p = sub.add_parser("masks", help="per-sample masks + mix vs the official per-batch path")
     common(p)
@@ -95,6 +96,16 @@ def _print_table(console: Console, title: str, rows: list[dict]) -> None:
             cells.append("" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)))
         table.add_row(*cells)
     console.print(table)
+
+
+def _synthetic_beton(synthetic: dict) -> Path:
+    """The synthetic images as a .beton under data/bench/ (written once) for the ffcv backend."""
+    from pipelines.convert import convert
+
+    out = Path("data/bench") / f"synthetic-{synthetic['resolution']}px-{synthetic['num_images']}.beton"
+    if not out.is_file():
+        convert("synthetic", out, split="train", **synthetic)
+    return out
 
 
 def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
@@ -182,13 +193,18 @@ def main(argv: list[str] | None = None) -> int:
         from mixmask.benchmarking.loader import run_loader_bench
 
         rows = []
+        synthetic = None
+        if args.source == "synthetic":
+            synthetic = dict(num_images=args.num_images, num_classes=10, resolution=args.resolution, seed=0)
         for backend in args.backend:
             path = args.data_beton if backend == "ffcv" and args.data_beton else args.data
+            if backend == "ffcv" and synthetic is not None and path is None:
+                path = str(_synthetic_beton(synthetic))
             rows += run_loader_bench(backend, source=args.source, path=path, resolution=args.resolution,
                                      batch_size=args.batch_size, workers=args.workers, recipe=args.recipe,
                                      device=device, warmup_batches=args.warmup, batches=args.batches,
-                                     repeats=args.repeats)
-        ref = next((r["images_per_s"] for r in rows if r["name"].startswith("torchvision")), None)
+                                     repeats=args.repeats, synthetic=synthetic)
+        ref = next((r["images_per_s"] for r in rows if r.get("backend") == "torchvision"), None)
         if ref:
             for r in rows:
                 r["ratio_vs_torchvision"] = r["images_per_s"] / ref
