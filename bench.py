@@ -101,8 +101,10 @@ def _print_table(console: Console, title: str, rows: list[dict]) -> None:
 def _synthetic_beton(synthetic: dict) -> Path:
     """The synthetic images as a .beton under data/bench/ (written once) for the ffcv backend."""
     from pipelines.convert import convert
+    from pipelines.synthetic import GENERATOR_VERSION
 
-    out = Path("data/bench") / f"synthetic-{synthetic['resolution']}px-{synthetic['num_images']}.beton"
+    name = f"synthetic-v{GENERATOR_VERSION}-{synthetic['resolution']}px-{synthetic['num_images']}.beton"
+    out = Path("data/bench") / name
     if not out.is_file():
         convert("synthetic", out, split="train", **synthetic)
     return out

@@ -75,7 +75,8 @@ class MethodConfig:
     cifar_stem: bool = opt(True, "3x3 stride-1 first conv and no max-pool (32 and 64 px images)")
     mlp_head: bool = opt(True, "MoCo: MLP projection head (v2) instead of a linear one (v1)")
     dim: int = opt(128, "output embedding dimension", ge=1)
-    hidden_dim: int = opt(2048, "projector hidden dimension", ge=1)
+    hidden_dim: int = opt(2048, "projector hidden dimension (SimCLR, BYOL, SimSiam; MoCo v2 uses the backbone width)",
+                          ge=1)
     pred_dim: int = opt(512, "predictor hidden dimension (BYOL, SimSiam)", ge=1)
     proj_layers: int = opt(3, "SimSiam: projector layers (3 on ImageNet, 2 on CIFAR as in the SimSiam paper)", ge=1)
     queue_size: int = opt(4096, "MoCo: negative queue length K", ge=1)

@@ -36,8 +36,10 @@ def synthetic_kwargs(cfg: Config, split: str) -> dict:
 
 
 def synthetic_beton(cfg: Config, split: str) -> Path:
+    from pipelines.synthetic import GENERATOR_VERSION
+
     kw = synthetic_kwargs(cfg, split)
-    name = f"synthetic-{kw['resolution']}px-{kw['num_images']}x{kw['num_classes']}-{split}.beton"
+    name = f"synthetic-v{GENERATOR_VERSION}-{kw['resolution']}px-{kw['num_images']}x{kw['num_classes']}-{split}.beton"
     return Path(cfg.data.data_dir) / name
 
 
@@ -126,7 +128,9 @@ def build_method_from_config(cfg: Config, num_classes: int | None = None) -> tor
     backbone, feature_dim = build_backbone(m.arch, cifar_stem=m.cifar_stem)
     hparams: dict
     if m.name == "moco":
-        hparams = dict(version=2 if m.mlp_head else 1, dim=m.dim, mlp_hidden_dim=m.hidden_dim,
+        # MoCo v2's MLP hidden width is the backbone's feature width (512 for ResNet-18, 2048 for ResNet-50), as
+        # in the official code; method.hidden_dim sizes the other methods' projectors.
+        hparams = dict(version=2 if m.mlp_head else 1, dim=m.dim, mlp_hidden_dim=None,
                        queue_size=m.queue_size, momentum=m.momentum, temperature=m.temperature,
                        shuffle_bn=m.shuffle_bn and not m.sync_bn, sync_bn=m.sync_bn)
     elif m.name == "simclr":

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 NUM_SHAPES = 7
+# Bumped whenever the images a (seed, index) produces change: cached .beton files carry it in their name.
+GENERATOR_VERSION = 1
 # Class definitions hang off this fixed stream (not the user seed) so train and val share the same classes.
 _CLASS_STREAM = 0xC1A55
 _GOLDEN = 0x9E3779B97F4A7C15
