@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="mocov2")
     p.add_argument("--batches", type=int, default=10, help="batches per timed repeat")
     p.add_argument("--num-images", type=int, default=1024, help="synthetic source: images generated")
+    p.add_argument("--make-photos", type=int, default=0, metavar="N",
+                   help="imagefolder source: first write N ~500x375 JPEGs from scikit-image's photographs to --data")
 
     p = sub.add_parser("masks", help="per-sample masks + mix vs the official per-batch path")
     common(p)
@@ -107,6 +109,16 @@ def _synthetic_beton(synthetic: dict) -> Path:
     out = Path("data/bench") / name
     if not out.is_file():
         convert("synthetic", out, split="train", **synthetic)
+    return out
+
+
+def _folder_beton(source: str, root: str) -> Path:
+    """A dataset folder as a JPEG-mode .beton under data/bench/ (written once) for the ffcv backend."""
+    from pipelines.convert import convert
+
+    out = Path("data/bench") / f"{source}-{Path(root).resolve().name}-jpg.beton"
+    if not out.is_file():
+        convert(source, out, root=root, split="train", write_mode="jpg", jpeg_quality=90)
     return out
 
 
@@ -195,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         from mixmask.benchmarking.loader import run_loader_bench
 
         rows = []
+        if args.make_photos:
+            from mixmask.benchmarking.photos import make_photo_folder
+
+            if args.source != "imagefolder" or not args.data:
+                raise UserError("--make-photos needs --source imagefolder and --data DIR")
+            make_photo_folder(args.data, args.make_photos)
+        if args.source != "synthetic" and not args.data:
+            raise UserError(f"--source {args.source} needs --data (a dataset root; ffcv also --data-beton)")
         synthetic = None
         if args.source == "synthetic":
             synthetic = dict(num_images=args.num_images, num_classes=10, resolution=args.resolution, seed=0)
@@ -202,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             path = args.data_beton if backend == "ffcv" and args.data_beton else args.data
             if backend == "ffcv" and synthetic is not None and path is None:
                 path = str(_synthetic_beton(synthetic))
+            elif backend == "ffcv" and not args.data_beton:
+                path = str(_folder_beton(args.source, args.data))
             rows += run_loader_bench(backend, source=args.source, path=path, resolution=args.resolution,
                                      batch_size=args.batch_size, workers=args.workers, recipe=args.recipe,
                                      device=device, warmup_batches=args.warmup, batches=args.batches,

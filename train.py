@@ -121,7 +121,11 @@ def train(cfg: Config, run: launch.Launch) -> int:
         optimizer.load_state_dict(state["optimizer"])
         epoch, step, skip_batches = state["epoch"], state["step"], state["step_in_epoch"]
         ckpt_io.set_rng_state(state["rng"][min(run.rank, len(state["rng"]) - 1)], mask_gen)
-        view.message(f"resumed from {resume_path} at epoch {epoch + 1}, step {step}")
+        if epoch >= cfg.run.epochs:
+            view.message(f"{resume_path} has finished all {cfg.run.epochs} epochs: nothing to train, writing the "
+                         "outputs again (raise run.epochs to train on)")
+        else:
+            view.message(f"resumed from {resume_path} at epoch {epoch + 1}, step {step}")
     if run.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg, {"computed": comp, "provenance": provenance()}))
 
@@ -215,6 +219,9 @@ def train(cfg: Config, run: launch.Launch) -> int:
                 break
             if cfg.run.max_steps and step >= cfg.run.max_steps:
                 break
+        close = getattr(batches, "close", None)
+        if close is not None:  # an epoch left early (max_steps, signal, non-finite): stop the loader's threads
+            close()
         skip_batches = 0
         if reason == "nonfinite":
             break

@@ -45,6 +45,7 @@ def run_loader_bench(backend: str, *, source: str, path: str | None, resolution:
         next(stream)
     m = measure(f"loader/{backend}/{resolution}px", run, items_per_call=batches * batch_size, warmup=0,
                 repeats=repeats, device="cpu")  # wall clock: the loader's CPU work is what is measured
+    stream.close()  # ends the epoch in flight, so the backend's threads stop before the next backend starts
     recipe_name = recipe if isinstance(recipe, str) else "custom"
     return [m.row(backend=backend, source=source, resolution=resolution, batch_size=batch_size, workers=workers,
                   recipe=recipe_name, device=str(device), views_per_s=2 * m.images_per_s)]

@@ -48,6 +48,19 @@ from pipelines.loaders.sharding import batch_seed, check_rank, epoch_order
 from pipelines.photometric import Photometric, to_float_nchw
 
 
+def _stop(epoch_iter) -> None:
+    """Stop ffcv's epoch thread and wait for it before releasing its memory.
+
+    ffcv's `close()` only signals the thread and frees the batch memory at once; a thread still inside its
+    numba pipeline then writes freed memory, or is torn down at interpreter exit ("terminate called without an
+    active exception"). The thread checks the signal at least every 0.5 s.
+    """
+    epoch_iter.terminate_event.set()
+    if epoch_iter.is_alive():
+        epoch_iter.join(timeout=60)
+    epoch_iter.close()
+
+
 class ShardedOrder(TraversalOrder):
     """This rank's share of a (seed, epoch) permutation (`pipelines.loaders.sharding`), epoch set from outside."""
 
@@ -209,7 +222,7 @@ class FFCVTwoViewLoader:
                 yield TwoViewBatch(self.views[0](images[:, 0]), self.views[1](images[:, 1]),
                                    labels.long().clone(), index.long().clone())
         finally:
-            epoch_iter.close()  # stops ffcv's worker thread when an epoch is abandoned (max_steps, errors)
+            _stop(epoch_iter)  # an abandoned epoch (max_steps, signal, errors) must not leave ffcv's thread running
 
 
 class FFCVEvalLoader:
@@ -250,4 +263,4 @@ class FFCVEvalLoader:
                 x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
                 yield x, labels.long().clone()
         finally:
-            epoch_iter.close()
+            _stop(epoch_iter)
