@@ -90,7 +90,9 @@ def _print_table(console: Console, title: str, rows: list[dict]) -> None:
     for col in ("name", "images/s (median)", "min - max", "ms/call", *extra):
         table.add_column(col, justify="left" if col == "name" else "right")
     for r in rows:
-        cells = [r["name"], f"{r['images_per_s']:,.0f}",
+        details = ", ".join(f"{key}={r[key]}" for key in ("batch_size", "resolution", "grid_size", "workers")
+                            if key in r)
+        cells = [f"{r['name']} ({details})" if details else r["name"], f"{r['images_per_s']:,.0f}",
                  f"{r.get('images_per_s_min', float('nan')):,.0f} - {r.get('images_per_s_max', float('nan')):,.0f}",
                  f"{r.get('ms_per_call', float('nan')):.3f}"]
         for k in extra:
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device, 0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
     if args.mode == "masks":
         from mixmask.benchmarking.masks import run_masks_bench

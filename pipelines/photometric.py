@@ -248,14 +248,19 @@ def apply_photometric(images: torch.Tensor, spec: AugSpec, params: PhotometricPa
 class Photometric(nn.Module):
     """One view's photometric augmentation + normalisation, batched on the device.
 
+    On the CPU, a uint8 batch with a float32 output goes through the fused numba kernel of
+    `pipelines.photometric_cpu` (same draws, same results up to float32 round-off); `fused_cpu=False`
+    keeps the torch ops, which stay the reference and the CUDA path.
+
     Shape:
         forward: (B, H, W, 3) or (B, 3, H, W) uint8 -> (B, 3, H, W) `dtype`, normalised, channels_last if asked
     """
 
     def __init__(self, spec: AugSpec, *, device: torch.device, seed: int = 0, dtype: torch.dtype = torch.float32,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, fused_cpu: bool = True) -> None:
         super().__init__()
         self.spec = spec
+        self.fused_cpu = fused_cpu
         self.device = torch.device(device)
         self.dtype = dtype
         self.channels_last = channels_last
@@ -270,9 +275,24 @@ class Photometric(nn.Module):
         self.generator.manual_seed(seed)
         self.order_generator.manual_seed(seed + 1)
 
+    def _fuse(self, images: torch.Tensor) -> bool:
+        if not (self.fused_cpu and self.device.type == "cpu" and self.dtype == torch.float32):
+            return False
+        # Imported here so the CUDA path never loads numba's CPU kernels.
+        from pipelines.photometric_cpu import can_fuse
+
+        return can_fuse(images, self.spec)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_float_nchw(images.to(self.device, non_blocking=True))
+        images = images.to(self.device, non_blocking=True)
+        if self._fuse(images):
+            from pipelines.photometric_cpu import fused_photometric
+
+            params = sample_params(self.spec, images.shape[0], self.generator, self.order_generator, self.device)
+            x = fused_photometric(images, self.spec, params, self.mean, self.std)
+            return x if self.channels_last else x.contiguous()
+        x = to_float_nchw(images)
         params = sample_params(self.spec, x.shape[0], self.generator, self.order_generator, self.device)
         x = apply_photometric(x, self.spec, params, inplace=images.dtype == torch.uint8)  # uint8 → fresh copy
         x = ((x - self.mean) / self.std).to(self.dtype)
