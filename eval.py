@@ -161,7 +161,7 @@ def print_results(protocol: str, ckpt_path: Path, results: dict, extra: dict, se
     for key, value in {**results, **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}.items():
         table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
     table.add_row("seconds", f"{seconds:.1f}")
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 # ---- data
@@ -310,7 +310,7 @@ def report(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col in ("run", "preset", "method", "branch") else "right")
     for row in out["rows"]:
         table.add_row(*(format_cell(row.get(c)) for c in out["columns"]))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     Console(stderr=True).print("wrote " + ", ".join(out["files"]), highlight=False)
     return 0
 
