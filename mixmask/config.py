@@ -64,7 +64,8 @@ class MaskConfig:
     per_sample: bool = opt(True, "one mask per sample (False: one mask per batch, as the official code)")
     permutation: str = opt("reverse", "partner of sample i: reverse (i <-> n-1-i) or random",
                            choices=("reverse", "random"))
-    erase_fill: str = opt("zero", "erase branch: fill for masked cells", choices=("zero", "mean", "noise"))
+    erase_fill: str = opt("zero", "erase branch: fill for masked cells (zero = black pixels, mean = dataset mean)",
+                          choices=("zero", "mean", "noise"))
 
 
 @dataclass

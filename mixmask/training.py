@@ -144,12 +144,16 @@ def build_method_from_config(cfg: Config, num_classes: int | None = None) -> tor
 
 def build_operator(cfg: Config):
     from mixmask.operator import MixingOperator
+    from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 
     ratio = cfg.mask.ratio if cfg.mask.ratio_max is None else (cfg.mask.ratio, cfg.mask.ratio_max)
+    fill: str | torch.Tensor = cfg.mask.erase_fill
+    if fill == "zero":  # black pixels: 0 before normalisation is −mean/std after it (0 after it is the mean)
+        fill = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
     return MixingOperator(cfg.method.branch, mask_kind=cfg.mask.kind, grid_size=cfg.mask.grid_size,
                           mask_ratio=ratio, per_sample=cfg.mask.per_sample, permutation=cfg.mask.permutation,
                           unmix_prob=cfg.method.unmix_prob, unmix_beta=cfg.method.unmix_beta,
-                          erase_fill=cfg.mask.erase_fill)
+                          erase_fill=fill)
 
 
 def knn_monitor(backbone: torch.nn.Module, loaders, cfg: Config, device: torch.device, use_bf16: bool) -> float:
