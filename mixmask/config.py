@@ -11,8 +11,8 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from mixmask.errors import UserError
+from pipelines.sources import SOURCES
 
-SOURCES = ("synthetic", "cifar100", "tinyimagenet", "imagefolder")
 BACKENDS = ("ffcv", "dali", "torchvision")
 METHOD_NAMES = ("moco", "simclr", "byol", "simsiam")
 BRANCHES = ("vanilla", "unmix", "mixmask", "mixmask-unmix", "erase")

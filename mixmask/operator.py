@@ -10,12 +10,12 @@ from collections.abc import Callable
 
 import torch
 
+from mixmask.config import BRANCHES  # the one list of branch names (plain constants, no config object)
 from mixmask.masks import Ratio, block_masks, discrete_masks
 from mixmask.mixing import ERASE_FILLS, erase, identity_permutation, mix, random_permutation, reverse_permutation
 from mixmask.types import MixedBatch
 from mixmask.unmix import unmix
 
-BRANCHES = ("vanilla", "mixmask", "unmix", "mixmask-unmix", "erase")
 MASK_KINDS: dict[str, Callable[..., torch.Tensor]] = {"block": block_masks, "discrete": discrete_masks}
 PERMUTATIONS = ("reverse", "random")
 
