@@ -91,7 +91,13 @@ def paper_preset(dataset: str, method: str, branch: str) -> Config:
 
 
 def demo() -> Config:
-    """MoCo v2 + MixMask on the synthetic default, sized to finish on 2 CPU cores in a few minutes."""
+    """MoCo v2 + MixMask on the synthetic default, sized to finish on 2 CPU cores in a few minutes.
+
+    AdamW at 3e-4 instead of the paper's SGD at 0.06: in the few hundred steps the CPU allows, SGD at that rate
+    first wrecks the random-init features and has not rebuilt better ones by the end (kNN below a random-init
+    backbone), while AdamW improves on them steadily (README, "The demo"). Crops keep at least 35% of the 32 px
+    image so both views still show the object.
+    """
     cfg = Config(preset="demo")
     cfg.data.source, cfg.data.backend = "synthetic", "ffcv"
     cfg.data.resolution, cfg.data.batch_size, cfg.data.workers = 32, 128, 2
@@ -99,10 +105,10 @@ def demo() -> Config:
     cfg.method.name, cfg.method.branch, cfg.method.arch, cfg.method.cifar_stem = "moco", "mixmask", "resnet18", False
     cfg.method.queue_size, cfg.method.momentum, cfg.method.temperature = 1024, 0.99, 0.2
     cfg.mask.grid_size = 4
-    cfg.aug.recipe, cfg.aug.crop_min_scale = "mocov2", 0.2
-    cfg.optim.name, cfg.optim.base_lr, cfg.optim.base_batch, cfg.optim.weight_decay = "sgd", 0.06, 128, 5e-4
+    cfg.aug.recipe, cfg.aug.crop_min_scale = "mocov2", 0.35
+    cfg.optim.name, cfg.optim.base_lr, cfg.optim.base_batch, cfg.optim.weight_decay = "adamw", 3e-4, 128, 1e-4
     cfg.optim.warmup_epochs = 1
-    cfg.run.epochs, cfg.run.device, cfg.run.knn_every, cfg.run.ckpt_every = 8, "cpu", 4, 4
+    cfg.run.epochs, cfg.run.device, cfg.run.knn_every, cfg.run.ckpt_every = 40, "cpu", 10, 10
     cfg.eval.epochs, cfg.eval.knn_k = 10, 20
     return cfg
 

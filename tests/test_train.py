@@ -126,6 +126,43 @@ def test_torchrun_two_cpu_processes(repo_root, tmp_path):
     assert "world_size: 2" in (out / "config.yaml").read_text()
 
 
+
+def test_torchrun_max_restarts_resumes_a_killed_worker(repo_root, tmp_path):
+    """A worker killed mid-run: torchrun restarts it and it resumes from last.pt with nothing from the user.
+
+    One process, so the restart does not hinge on a gloo mesh reconnecting on a loaded 2-core machine; the
+    multi-process group itself is covered by test_torchrun_two_cpu_processes.
+    """
+    import psutil
+
+    out = tmp_path / "elastic"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--max-restarts", "1",
+           "--master_port", "29544", "train.py", "--preset", "demo", *SMALL, "data.backend=torchvision",
+           "data.workers=0", f"data.data_dir={repo_root / 'data' / 'test-cache'}", f"run.out_dir={out}",
+           "run.epochs=6"]
+    proc = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        ckpt = out / "checkpoints" / "last.pt"
+        deadline = time.time() + 240
+        while time.time() < deadline and not ckpt.is_file():  # wait for the first epoch's checkpoint
+            if proc.poll() is not None:
+                pytest.fail(f"run ended early: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "train.py" in " ".join(p.cmdline()) and p.pid != proc.pid]
+        assert workers, "the worker process was not found"
+        killed_at = torch.load(ckpt, weights_only=False)["step"]
+        workers[0].kill()  # a crash (SIGKILL: no chance to save); torchrun starts it again
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stderr
+    state = torch.load(ckpt, weights_only=False)
+    assert killed_at < 36 and (state["epoch"], state["step"]) == (6, 36)
+
 def test_corrupt_checkpoint_is_one_line_and_left_untouched(repo_root, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
