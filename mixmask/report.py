@@ -11,8 +11,11 @@ from typing import Any
 from mixmask.metrics import read_metrics
 
 
-def plot_training_curves(run_dir: Path, out: Path) -> Path:
-    """Loss terms (left), kNN top-1 (right) over optimizer steps; written atomically to `out`."""
+def plot_training_curves(run_dir: Path, out: Path, *, knn_reference: float | None = None) -> Path:
+    """Loss terms (left), kNN top-1 (right) over optimizer steps; written atomically to `out`.
+
+    `knn_reference` (e.g. a random-init backbone's kNN top-1) is drawn as a dashed line on the kNN panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,7 +41,10 @@ def plot_training_curves(run_dir: Path, out: Path) -> Path:
         ax_loss.legend(fontsize=8)
     if knn:
         xs, ys = zip(*knn)
-        ax_knn.plot(xs, ys, marker="o")
+        ax_knn.plot(xs, ys, marker="o", label="trained")
+    if knn_reference is not None:
+        ax_knn.axhline(knn_reference, ls="--", color="grey", label=f"random init ({knn_reference:.1f}%)")
+        ax_knn.legend(fontsize=8)
     ax_knn.set_xlabel("step")
     ax_knn.set_ylabel("top-1 (%)")
     ax_knn.set_title("kNN monitor (held-out split)")

@@ -191,7 +191,8 @@ def write_run_artifacts(cfg: Config, method: torch.nn.Module, run_dir: Path, knn
 
     save_atomic({k: v.detach().cpu() for k, v in method.backbone.state_dict().items()}, run_dir / "backbone.pt")
     out["backbone"] = str(run_dir / "backbone.pt")
-    out["loss_curve"] = str(plot_training_curves(run_dir, run_dir / "loss_curve.png"))
+    out["loss_curve"] = str(plot_training_curves(run_dir, run_dir / "loss_curve.png",
+                                                 knn_reference=out.get("knn_top1_random_init")))
     try:
         from mixmask.visualize import render_mask_figure
 
