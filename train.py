@@ -8,6 +8,7 @@ Rank 0 alone writes files and draws the progress view; every rank runs the same 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -16,11 +17,11 @@ from pathlib import Path
 import torch
 
 from mixmask import checkpoint as ckpt_io
-from mixmask import launch
+from mixmask import launch, rundir
 from mixmask.config import Config, derived
 from mixmask.config_cli import add_config_arguments, config_from_args, to_yaml
 from mixmask.errors import UserError, cli_entry
-from mixmask.metrics import MetricsWriter
+from mixmask.metrics import MetricsWriter, drop_records_after
 from mixmask.optim import build_optimizer, lr_at, set_lr
 from mixmask.progress import ProgressView
 from mixmask.provenance import provenance
@@ -88,6 +89,15 @@ def train(cfg: Config, run: launch.Launch) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     view = ProgressView(0, is_main=run.is_main, show_steps=False)
+    # One run per directory; a resume must continue the stored run (same model, data and schedule).
+    _run_lock = rundir.lock_run_dir(run_dir, pid=os.getpid(), is_main=run.is_main, distributed=run.distributed)
+    rundir.refuse_fresh_start_over(ckpt_dir, cfg.run.resume)
+    resume_path = ckpt_io.find_resume(cfg.run.resume, ckpt_dir)
+    state = ckpt_io.load_checkpoint(resume_path, map_location=device) if resume_path is not None else None
+    if state is not None:
+        for note in rundir.check_resume_config(state["config"], _config_dict(cfg), checkpoint=resume_path,
+                                               allow_change=cfg.run.allow_config_change):
+            view.message(note)
 
     # ---- data: the synthetic default is converted on first use (rank 0), then every rank opens its shard
     data = prepare_data(cfg, run, log=view.message)
@@ -114,9 +124,7 @@ def train(cfg: Config, run: launch.Launch) -> int:
 
     # ---- resume (weights, queue, optimizer, schedule position, RNG states)
     epoch, step, skip_batches = 0, 0, 0
-    resume_path = ckpt_io.find_resume(cfg.run.resume, ckpt_dir)
-    if resume_path is not None:
-        state = ckpt_io.load_checkpoint(resume_path, map_location=device)
+    if state is not None:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         epoch, step, skip_batches = state["epoch"], state["step"], state["step_in_epoch"]
@@ -126,7 +134,12 @@ def train(cfg: Config, run: launch.Launch) -> int:
                          "outputs again (raise run.epochs to train on)")
         else:
             view.message(f"resumed from {resume_path} at epoch {epoch + 1}, step {step}")
+    del state
     if run.is_main:
+        # Records a killed run wrote past its checkpoint are logged again from here: keep one history.
+        dropped = drop_records_after(run_dir / "metrics.jsonl", step)
+        if dropped:
+            view.message(f"metrics.jsonl: dropped {dropped} records past step {step} (written after the checkpoint)")
         (run_dir / "config.yaml").write_text(to_yaml(cfg, {"computed": comp, "provenance": provenance()}))
 
     # ---- compile before DDP (nanoGPT order); keep `method` as the plain module that gets saved

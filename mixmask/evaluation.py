@@ -112,23 +112,40 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...
     return out
 
 
-def unshard(x: torch.Tensor, world_size: int, num_samples: int | None) -> torch.Tensor:
+def unshard(x: torch.Tensor, world_size: int, num_samples: int) -> torch.Tensor:
     """Undo the strided sharding of an unshuffled evaluation epoch after `gather_variable`, dropping the padding.
 
     Rank r visits positions r, r + W, r + 2W, ... of an order padded by wrap-around to a multiple of W
     (`pipelines.loaders.sharding`), so the rank-major gathered tensor, viewed as (W, P), transposed, is the dataset
-    order; the first `num_samples` rows are the dataset without the duplicated padding. Unknown `num_samples` or a
-    layout that does not match (e.g. a backend that shards differently) returns `x` unchanged.
+    order; the first `num_samples` rows are the dataset without the duplicated padding. A gathered size that does
+    not fit that layout is a bug (a loader that shards otherwise): it raises rather than count samples twice.
 
     Shape:
         x: (W·P, ...) → (num_samples, ...)
     """
-    if world_size <= 1 or num_samples is None or x.shape[0] % world_size:
+    if world_size <= 1:
+        if x.shape[0] != num_samples:
+            raise RuntimeError(f"an evaluation epoch yielded {x.shape[0]} samples, the split has {num_samples}")
         return x
-    per_rank = x.shape[0] // world_size
-    if per_rank * world_size < num_samples or (per_rank - 1) * world_size >= num_samples:
-        return x
+    per_rank = -(-num_samples // world_size)
+    if x.shape[0] != per_rank * world_size:
+        raise RuntimeError(f"gathered {x.shape[0]} evaluation samples from {world_size} ranks, expected "
+                           f"{per_rank * world_size} ({num_samples} padded to a multiple of the world size)")
     return x.view(world_size, per_rank, *x.shape[1:]).transpose(0, 1).reshape(x.shape)[:num_samples]
+
+
+def remap_labels(labels: torch.Tensor, label_map: list[int] | None) -> torch.Tensor:
+    """A held-out split's labels on the train split's class list (`pipelines.sidecar.label_map`); None = same list.
+
+    Shape:
+        labels: (N,) long → (N,) long
+    """
+    if label_map is None or not labels.numel():
+        return labels
+    table = torch.as_tensor(label_map, dtype=torch.long, device=labels.device)
+    if int(labels.min()) < 0 or int(labels.max()) >= len(label_map):
+        raise RuntimeError(f"held-out labels up to {int(labels.max())} but its class list has {len(label_map)}")
+    return table[labels.long()]
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
