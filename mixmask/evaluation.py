@@ -81,6 +81,22 @@ def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     return features, label_t
 
 
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm running statistics) to every rank; nothing without a process group.
+
+    Training runs DDP with `broadcast_buffers=False`, so each rank's running statistics follow its own batches,
+    while a checkpoint holds rank 0's. Evaluating every shard with rank 0's buffers evaluates the saved model, and
+    gives the same numbers after a resume (which loads rank 0's buffers on every rank).
+    """
+    if not dist_utils.is_distributed():
+        return
+    import torch.distributed as dist
+
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)
+
+
 def gather_variable(x: torch.Tensor) -> torch.Tensor:
     """Concatenate tensors whose first dimension differs between ranks (evaluation shards), in rank order."""
     import torch.distributed as dist

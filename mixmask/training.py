@@ -176,11 +176,12 @@ def build_operator(cfg: Config):
 def knn_monitor(backbone: torch.nn.Module, loaders, cfg: Config, device: torch.device, use_bf16: bool) -> float:
     """kNN top-1 (%) of held-out images against the training set's features (every rank takes part)."""
     from mixmask.distributed import get_world_size
-    from mixmask.evaluation import accuracy, extract_features, knn_predict, remap_labels, unshard
+    from mixmask.evaluation import accuracy, broadcast_buffers, extract_features, knn_predict, remap_labels, unshard
 
     bank_loader, query_loader, num_classes, val_label_map = loaders
     dtype = torch.bfloat16 if use_bf16 else None
     world = get_world_size()
+    broadcast_buffers(backbone)  # every rank evaluates the weights rank 0 saves (BN statistics are rank-local)
     bank_x, bank_y = extract_features(backbone, bank_loader, device, dtype=dtype)
     query_x, query_y = extract_features(backbone, query_loader, device, dtype=dtype)
     # Under torchrun the shards are padded by wrap-around: drop the duplicates so each image counts once.

@@ -280,10 +280,14 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_torchrun_resume_is_bit_identical(repo_root, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    torchrun(repo_root, straight, 29571)
-    torchrun(repo_root, resumed, 29572, "run.max_steps=3")  # stopped mid-epoch, as a signal does
-    torchrun(repo_root, resumed, 29573)
+    # 63 held-out images: the final kNN (2 ranks) also runs through the padded last shard.
+    knn = ["run.knn_every=1", "data.synthetic_val_images=63", "eval.knn_k=10"]
+    torchrun(repo_root, straight, 29571, *knn)
+    torchrun(repo_root, resumed, 29572, *knn, "run.max_steps=3")  # stopped mid-epoch, as a signal does
+    torchrun(repo_root, resumed, 29573, *knn)
     assert losses(resumed) == losses(straight) and sorted(losses(straight)) == list(range(1, 7))
+    final = [json.loads((d / "final_knn.json").read_text()) for d in (straight, resumed)]
+    assert final[0]["knn_top1"] == final[1]["knn_top1"] and 0 < final[0]["knn_top1"] < 100
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)["method"]
     b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=False)["method"]
     assert a.keys() == b.keys()
