@@ -139,7 +139,8 @@ def train(cfg: Config, run: launch.Launch) -> int:
         # Records a killed run wrote past its checkpoint are logged again from here: keep one history.
         dropped = drop_records_after(run_dir / "metrics.jsonl", step)
         if dropped:
-            view.message(f"metrics.jsonl: dropped {dropped} records past step {step} (written after the checkpoint)")
+            view.message(f"metrics.jsonl: dropped {dropped} records past step {step} (logged after the checkpoint; "
+                         "they are logged again from here)")
         (run_dir / "config.yaml").write_text(to_yaml(cfg, {"computed": comp, "provenance": provenance()}))
 
     # ---- compile before DDP (nanoGPT order); keep `method` as the plain module that gets saved

@@ -38,7 +38,11 @@ class RunLock:
 
     def __init__(self, run_dir: Path, pid: int) -> None:
         self.path = Path(run_dir) / LOCK_NAME
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"cannot write {self.path} ({err.strerror}): run.out_dir must be a writable "
+                            "folder") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
