@@ -186,7 +186,8 @@ def _features(ctx: Context, model: nn.Module, split: str) -> tuple[torch.Tensor,
     rank; labels on the train split's class list."""
     loader = _eval_loader(ctx, split, train_aug=False)
     x, y = extract_features(model, loader, ctx.run.device, dtype=ctx.dtype)
-    x, y = unshard(x, ctx.run.world_size, loader.num_samples), unshard(y, ctx.run.world_size, loader.num_samples)
+    world, n, layout = ctx.run.world_size, loader.num_samples, loader.rank_layout
+    x, y = unshard(x, world, n, layout), unshard(y, world, n, layout)
     if split == "val":
         y = remap_labels(y, ctx.data.val_label_map)
     check_labels(y, ctx.data.num_classes, split)

@@ -128,17 +128,23 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...
     return out
 
 
-def unshard(x: torch.Tensor, world_size: int, num_samples: int) -> torch.Tensor:
-    """Undo the strided sharding of an unshuffled evaluation epoch after `gather_variable`, dropping the padding.
+RANK_LAYOUTS = ("strided", "contiguous")
 
-    Rank r visits positions r, r + W, r + 2W, ... of an order padded by wrap-around to a multiple of W
-    (`pipelines.loaders.sharding`), so the rank-major gathered tensor, viewed as (W, P), transposed, is the dataset
-    order; the first `num_samples` rows are the dataset without the duplicated padding. A gathered size that does
-    not fit that layout is a bug (a loader that shards otherwise): it raises rather than count samples twice.
+
+def unshard(x: torch.Tensor, world_size: int, num_samples: int, layout: str = "strided") -> torch.Tensor:
+    """Undo the sharding of an unshuffled evaluation epoch after `gather_variable`, dropping the padding.
+
+    Every rank yields ceil(N / W) samples. `strided` (`pipelines.loaders.sharding`): rank r visits positions
+    r, r + W, r + 2W, ... of an order padded by wrap-around to a multiple of W, so the rank-major gathered tensor,
+    viewed as (W, P) and transposed, is the dataset order and its first N rows are the dataset once. `contiguous`
+    (webdataset shards): rank r reads positions [N·r // W, N·(r+1) // W) and pads the end of its share, so each
+    rank's leading rows are kept. A gathered size that does not fit is a bug: it raises rather than count twice.
 
     Shape:
         x: (W·P, ...) → (num_samples, ...)
     """
+    if layout not in RANK_LAYOUTS:
+        raise ValueError(f"unknown rank layout {layout!r}; valid: {RANK_LAYOUTS}")
     if world_size <= 1:
         if x.shape[0] != num_samples:
             raise RuntimeError(f"an evaluation epoch yielded {x.shape[0]} samples, the split has {num_samples}")
@@ -147,6 +153,9 @@ def unshard(x: torch.Tensor, world_size: int, num_samples: int) -> torch.Tensor:
     if x.shape[0] != per_rank * world_size:
         raise RuntimeError(f"gathered {x.shape[0]} evaluation samples from {world_size} ranks, expected "
                            f"{per_rank * world_size} ({num_samples} padded to a multiple of the world size)")
+    if layout == "contiguous":
+        spans = [num_samples * (r + 1) // world_size - num_samples * r // world_size for r in range(world_size)]
+        return torch.cat([x[r * per_rank: r * per_rank + n] for r, n in enumerate(spans)])
     return x.view(world_size, per_rank, *x.shape[1:]).transpose(0, 1).reshape(x.shape)[:num_samples]
 
 

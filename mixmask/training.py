@@ -185,8 +185,9 @@ def knn_monitor(backbone: torch.nn.Module, loaders, cfg: Config, device: torch.d
     bank_x, bank_y = extract_features(backbone, bank_loader, device, dtype=dtype)
     query_x, query_y = extract_features(backbone, query_loader, device, dtype=dtype)
     # Under torchrun the shards are padded by wrap-around: drop the duplicates so each image counts once.
-    bank_x, bank_y = (unshard(t, world, bank_loader.num_samples) for t in (bank_x, bank_y))
-    query_x, query_y = (unshard(t, world, query_loader.num_samples) for t in (query_x, query_y))
+    bank_x, bank_y = (unshard(t, world, bank_loader.num_samples, bank_loader.rank_layout) for t in (bank_x, bank_y))
+    query_x, query_y = (unshard(t, world, query_loader.num_samples, query_loader.rank_layout)
+                        for t in (query_x, query_y))
     query_y = remap_labels(query_y, val_label_map)
     pred = knn_predict(bank_x, bank_y, query_x, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
                        num_classes=num_classes)

@@ -159,6 +159,7 @@ class TorchvisionEvalLoader:
         transform = T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
         self.steps = steps_per_epoch(len(split), world_size, batch_size_per_rank, drop_last=False)
         self.num_samples = len(split)  # the split's size: the gathered epoch beyond it is padding
+        self.rank_layout = "strided"  # rank r reads positions r, r + W, ... (`pipelines.loaders.sharding`)
         self.sampler = _EpochSampler(len(split), rank=rank, world_size=world_size, seed=seed, shuffle=train_aug)
         self.loader = _data_loader(_SplitDataset(split, [transform], seed), self.sampler, batch_size_per_rank,
                                    workers, device, drop_last=False, batches_ahead=batches_ahead)
