@@ -16,7 +16,9 @@ from pipelines.sources import SOURCES
 BACKENDS = ("ffcv", "dali", "torchvision")
 METHOD_NAMES = ("moco", "simclr", "byol", "simsiam")
 BRANCHES = ("vanilla", "unmix", "mixmask", "mixmask-unmix", "erase")
-MASK_KINDS = ("block", "discrete")
+MASK_KINDS = ("block", "discrete", "discrete_exact")  # generators: mixmask.masks.MASK_GENERATORS
+MASK_SHARES = ("batch", "pair", "sample")
+PERMUTATIONS = ("reverse", "random")
 RECIPES = ("mocov1", "mocov2", "simclr", "byol")
 
 
@@ -56,14 +58,18 @@ class AugConfig:
 
 @dataclass
 class MaskConfig:
-    kind: str = opt("block", "mask generator: BEiT blocked or independent cells", choices=MASK_KINDS)
+    kind: str = opt("block", "mask generator: BEiT blocked, discrete (official: each cell the partner's with "
+                    "probability ratio, all-own/all-partner redrawn), discrete_exact (exactly ratio of cells own)",
+                    choices=MASK_KINDS)
     grid_size: int = opt(4, "mask grid G (G x G cells over the image)", ge=1)
-    ratio: float = opt(0.5, "share of cells kept from the sample's own image (the mask ratio)", gt=0.0, le=1.0)
+    ratio: float = opt(0.5, "mask ratio: share of own cells (block, discrete_exact), partner probability of a cell "
+                       "(discrete)", gt=0.0, le=1.0)
     ratio_max: float | None = opt(None, "if set, the ratio is drawn per sample uniformly in [ratio, ratio_max]",
                                   gt=0.0, le=1.0)
-    per_sample: bool = opt(True, "one mask per sample (False: one mask per batch, as the official code)")
-    permutation: str = opt("reverse", "partner of sample i: reverse (i <-> n-1-i) or random",
-                           choices=("reverse", "random"))
+    share: str = opt("pair", "who shares a mask: batch (one per batch, official), pair (both members of a pair: "
+                     "keeps the switched image; ours), sample (independent)", choices=MASK_SHARES)
+    permutation: str = opt("reverse", "partner of sample i: reverse (i <-> n-1-i; MixMask* gives MixMask random "
+                           "partners) or random (drawn every step)", choices=PERMUTATIONS)
     erase_fill: str = opt("zero", "erase branch: fill for masked cells (zero = black pixels, mean = dataset mean)",
                           choices=("zero", "mean", "noise"))
 
@@ -180,9 +186,24 @@ def validate(cfg: Config) -> Config:
             _check_field(f"{section.name}.{f.name}", getattr(sub, f.name), dict(f.metadata))
     if cfg.mask.ratio_max is not None and cfg.mask.ratio_max < cfg.mask.ratio:
         raise UserError(f"mask.ratio_max={cfg.mask.ratio_max} must be >= mask.ratio={cfg.mask.ratio}")
+    _check_masks(cfg)
     if not all(0.0 < m < 1.0 for m in cfg.optim.milestones):
         raise UserError(f"optim.milestones={cfg.optim.milestones} must be fractions of training in (0, 1)")
     return cfg
+
+
+def _check_masks(cfg: Config) -> None:
+    """Refuse masks that can never reach their ratio (blocked at grid 2, discrete at grid 1) before any work."""
+    if cfg.method.branch not in ("mixmask", "mixmask-unmix", "erase"):
+        return
+    from mixmask.masks import check_mask_config  # loads torch: only for branches that draw masks
+
+    m = cfg.mask
+    ratio = m.ratio if m.ratio_max is None else (m.ratio, m.ratio_max)
+    try:
+        check_mask_config(m.kind, m.grid_size, ratio)
+    except ValueError as err:
+        raise UserError(f"mask.kind={m.kind} at mask.grid_size={m.grid_size}: {err}") from None
 
 
 def field_docs(section: type) -> dict[str, tuple[Any, str]]:

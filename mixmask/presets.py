@@ -79,6 +79,7 @@ def paper_preset(dataset: str, method: str, branch: str) -> Config:
     cfg.run.epochs = int(d["epochs"])
     cfg.run.knn_every = 0 if dataset == "imagenet" else 10
     cfg.mask.grid_size = int(d["grid"])
+    cfg.mask.kind = "discrete" if dataset == "cifar100" else "block"  # Table 1: BEiT blocks cannot fit grid 2
     cfg.method.name, cfg.method.branch = method, branch
     cfg.method.arch, cfg.method.cifar_stem = str(d["arch"]), bool(d["stem"])
     cfg.method.unmix_prob = 0.5
@@ -104,7 +105,7 @@ def demo() -> Config:
     cfg.data.synthetic_images, cfg.data.synthetic_val_images, cfg.data.synthetic_classes = 2000, 500, 10
     cfg.method.name, cfg.method.branch, cfg.method.arch, cfg.method.cifar_stem = "moco", "mixmask", "resnet18", False
     cfg.method.queue_size, cfg.method.momentum, cfg.method.temperature = 1024, 0.99, 0.2
-    cfg.mask.grid_size = 4
+    cfg.mask.grid_size, cfg.mask.share = 4, "pair"
     cfg.aug.recipe, cfg.aug.crop_min_scale = "mocov2", 0.35
     cfg.optim.name, cfg.optim.base_lr, cfg.optim.base_batch, cfg.optim.weight_decay = "adamw", 3e-4, 128, 1e-4
     cfg.optim.warmup_epochs = 1

@@ -151,7 +151,7 @@ def build_operator(cfg: Config):
     if fill == "zero":  # black pixels: 0 before normalisation is −mean/std after it (0 after it is the mean)
         fill = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
     return MixingOperator(cfg.method.branch, mask_kind=cfg.mask.kind, grid_size=cfg.mask.grid_size,
-                          mask_ratio=ratio, per_sample=cfg.mask.per_sample, permutation=cfg.mask.permutation,
+                          mask_ratio=ratio, share=cfg.mask.share, permutation=cfg.mask.permutation,
                           unmix_prob=cfg.method.unmix_prob, unmix_beta=cfg.method.unmix_beta,
                           erase_fill=fill)
 

@@ -41,7 +41,8 @@ def test_moco_presets_follow_the_paper(name, expected):
     assert (cfg.data.batch_size, cfg.run.epochs, cfg.mask.grid_size) == (e["batch"], e["epochs"], e["grid"])
     assert (cfg.optim.name, cfg.optim.base_lr, cfg.optim.weight_decay) == (e["opt"], e["lr"], e["wd"])
     assert (cfg.method.momentum, cfg.method.queue_size, cfg.method.temperature) == (e["m"], e["K"], e["T"])
-    assert cfg.method.dim == e["dim"] and cfg.method.mlp_head and cfg.mask.ratio == 0.5 and cfg.mask.kind == "block"
+    assert cfg.method.dim == e["dim"] and cfg.method.mlp_head and cfg.mask.ratio == 0.5
+    assert cfg.mask.kind == ("discrete" if name.startswith("cifar100") else "block")  # BEiT blocks cannot fit grid 2
     # the preset's lr is the paper's lr at the preset's batch size
     assert derived(cfg, 1)["lr"] == pytest.approx(e["lr"])
 
