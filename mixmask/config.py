@@ -199,6 +199,9 @@ def _check_masks(cfg: Config) -> None:
     from mixmask.masks import check_mask_config  # loads torch: only for branches that draw masks
 
     m = cfg.mask
+    if m.grid_size > cfg.data.resolution:
+        raise UserError(f"mask.grid_size={m.grid_size} is larger than data.resolution={cfg.data.resolution}: some "
+                        "cells would cover no pixel; use a grid of at most the resolution")
     ratio = m.ratio if m.ratio_max is None else (m.ratio, m.ratio_max)
     try:
         check_mask_config(m.kind, m.grid_size, ratio)

@@ -289,6 +289,8 @@ def test_config_refuses_unreachable_masks_before_any_work(tmp_path, repo_root):
         resolve("demo", None, ["mask.kind=block", "mask.grid_size=2"])
     with pytest.raises(UserError, match="mask.grid_size=1"):
         resolve("demo", None, ["mask.kind=discrete", "mask.grid_size=1"])
+    with pytest.raises(UserError, match="mask.grid_size=40 is larger than data.resolution=32"):
+        resolve("demo", None, ["mask.grid_size=40"])
     assert resolve("demo", None, ["mask.kind=discrete", "mask.grid_size=2"]).mask.share == "pair"
     assert resolve("demo", None, ["method.branch=unmix", "mask.kind=block", "mask.grid_size=2"])  # no grid mask
     done = subprocess.run(
