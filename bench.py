@@ -143,7 +143,8 @@ def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict],
     operator = build_operator(cfg)
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
-    opt = build_optimizer(cfg.optim.name, method, lr=comp["lr"], weight_decay=cfg.optim.weight_decay)
+    opt = build_optimizer(cfg.optim.name, method, lr=comp["lr"], weight_decay=cfg.optim.weight_decay,
+                          decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
 
     def batches():
         epoch = 0

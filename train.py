@@ -101,7 +101,10 @@ def train(cfg: Config, run: launch.Launch) -> int:
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
 
     # ---- method, operator, optimizer
-    method = build_method_from_config(cfg, data.num_classes).to(device)
+    method = build_method_from_config(cfg, data.num_classes, world_size=run.world_size).to(device)
+    if cfg.method.bn_splits > 1 and run.distributed:
+        view.message(f"method.bn_splits={cfg.method.bn_splits} is for one process; with {run.world_size} processes "
+                     "each rank's BatchNorm is a split and shuffle-BN applies")
     if cfg.method.sync_bn and run.distributed:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if cfg.run.channels_last:
@@ -110,7 +113,7 @@ def train(cfg: Config, run: launch.Launch) -> int:
     mask_gen = torch.Generator(device=device)
     mask_gen.manual_seed(cfg.run.seed * 1000 + run.rank)
     optimizer = build_optimizer(cfg.optim.name, method, lr=comp["lr"], weight_decay=cfg.optim.weight_decay,
-                                momentum=cfg.optim.momentum)
+                                momentum=cfg.optim.momentum, decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
 
     # ---- resume (weights, queue, optimizer, schedule position, RNG states)
     epoch, step, skip_batches = 0, 0, 0

@@ -91,7 +91,10 @@ class MethodConfig:
     temperature: float = opt(0.1, "contrastive softmax temperature", gt=0.0)
     unmix_prob: float = opt(0.5, "Un-Mix: probability of global mixup (else region cutmix)", ge=0.0, le=1.0)
     unmix_beta: float = opt(1.0, "Un-Mix: lambda ~ Beta(beta, beta)", gt=0.0)
-    shuffle_bn: bool = opt(True, "MoCo: shuffle BatchNorm across ranks for the key encoder")
+    shuffle_bn: bool = opt(True, "MoCo: shuffle BatchNorm across ranks for the key encoder (in one process: across "
+                                 "the BN splits)")
+    bn_splits: int = opt(1, "MoCo, one process only: split BatchNorm, statistics over S equal chunks of the batch (the "
+                            "MoCo CIFAR recipe: 8); with more processes each rank's BN is a split and this is 1", ge=1)
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm")
 
 
@@ -100,7 +103,9 @@ class OptimConfig:
     name: str = opt("sgd", "optimizer", choices=("sgd", "adam", "adamw", "lars"))
     base_lr: float = opt(0.06, "learning rate at `base_batch` (scaled linearly with the global batch)", gt=0.0)
     base_batch: int = opt(512, "batch size `base_lr` is quoted for", ge=1)
-    weight_decay: float = opt(5e-4, "weight decay (not applied to biases and norms)", ge=0.0)
+    weight_decay: float = opt(5e-4, "weight decay (L2 for sgd/adam/lars, decoupled for adamw)", ge=0.0)
+    decay_norm_and_bias: bool = opt(False, "also decay biases and norm parameters (the official code decays every "
+                                           "parameter; False excludes them, ours)")
     momentum: float = opt(0.9, "SGD/LARS momentum", ge=0.0, le=1.0)
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "step", "constant"))
     warmup_epochs: float = opt(0.0, "linear warm-up length in epochs", ge=0.0)
@@ -187,6 +192,9 @@ def validate(cfg: Config) -> Config:
     if cfg.mask.ratio_max is not None and cfg.mask.ratio_max < cfg.mask.ratio:
         raise UserError(f"mask.ratio_max={cfg.mask.ratio_max} must be >= mask.ratio={cfg.mask.ratio}")
     _check_masks(cfg)
+    if cfg.method.bn_splits > 1 and cfg.method.name != "moco":
+        raise UserError(f"method.bn_splits={cfg.method.bn_splits} is for method.name=moco (split BatchNorm for "
+                        f"shuffle-BN); set method.bn_splits=1 for {cfg.method.name}")
     if not all(0.0 < m < 1.0 for m in cfg.optim.milestones):
         raise UserError(f"optim.milestones={cfg.optim.milestones} must be fractions of training in (0, 1)")
     return cfg
@@ -218,6 +226,12 @@ def field_docs(section: type) -> dict[str, tuple[Any, str]]:
     return out
 
 
+def bn_splits_in_use(cfg: Config, world_size: int) -> int:
+    """Split BatchNorm stands in for several devices' BN in one process; with more processes every rank's BN
+    already sees its own share of the batch and shuffle-BN applies, so it is off (1)."""
+    return cfg.method.bn_splits if world_size == 1 else 1
+
+
 def derived(cfg: Config, world_size: int, steps_per_epoch: int | None = None) -> dict[str, Any]:
     """Values computed from the config and the launch (logged in the run directory, never written back)."""
     if cfg.data.batch_size % world_size:
@@ -228,6 +242,13 @@ def derived(cfg: Config, world_size: int, steps_per_epoch: int | None = None) ->
         "batch_size_per_rank": cfg.data.batch_size // world_size,
         "lr": cfg.optim.base_lr * cfg.data.batch_size / cfg.optim.base_batch,
     }
+    out["bn_splits"] = bn_splits_in_use(cfg, world_size)
+    if out["batch_size_per_rank"] % out["bn_splits"]:
+        raise UserError(f"method.bn_splits={out['bn_splits']} must divide the batch per process "
+                        f"{out['batch_size_per_rank']} (data.batch_size / world size)")
+    if out["bn_splits"] > 1 and cfg.method.sync_bn:
+        raise UserError(f"method.sync_bn=true and method.bn_splits={out['bn_splits']} exclude each other (one "
+                        "normalises across processes, the other within one); set method.bn_splits=1")
     if steps_per_epoch is not None:
         out["steps_per_epoch"] = steps_per_epoch
         # The schedule always spans all epochs; run.max_steps only stops early (so a capped smoke run and the
