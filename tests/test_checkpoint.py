@@ -66,3 +66,61 @@ def test_find_resume_and_pruning(tmp_path):
     removed = prune_periodic(tmp_path, keep=2)
     assert sorted(p.name for p in removed) == ["epoch_0002.pt", "epoch_0004.pt", "epoch_0006.pt"]
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["epoch_0008.pt", "epoch_0010.pt", "last.pt"]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter:UserWarning")  # copying into meta is a no-op, as meant
+def test_resume_onto_a_non_cpu_device_restores_rng_optimizer_and_schedule(repo_root, tmp_path):
+    """train.py writes last.pt; the resume path restores it into a model on `meta` (standing in for CUDA on a CPU host).
+
+    Loading with map_location=device made the RNG states device tensors (set_rng_state: "RNG state must be a
+    torch.ByteTensor") and left AdamW's `step` on the device; the file must be read to the CPU and load_state_dict
+    left to place each tensor.
+    """
+    import os
+    import random
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from mixmask.checkpoint import resume_from
+    from mixmask.config_cli import from_dict
+    from mixmask.optim import build_optimizer
+    from mixmask.training import build_method_from_config
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--preset", "demo", "data.synthetic_images=64", "data.synthetic_val_images=32",
+           "data.resolution=16", "data.batch_size=16", "data.workers=1", "data.backend=torchvision",
+           f"data.data_dir={repo_root / 'data' / 'test-cache'}", "method.cifar_stem=false", "method.queue_size=32",
+           "mask.grid_size=4", "run.knn_every=0", "run.progress=false", "run.tensorboard=false", "run.max_steps=2",
+           f"run.out_dir={out}"]
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = out / "checkpoints" / "last.pt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+
+    cfg = from_dict(saved["config"])
+    assert cfg.optim.name == "adamw"  # an optimizer with a `step` entry in its state
+    method = build_method_from_config(cfg).to("meta")
+    optimizer = build_optimizer(cfg.optim.name, method, lr=1.0, weight_decay=cfg.optim.weight_decay)
+    mask_gen = torch.Generator()
+    torch.manual_seed(12345)
+    mask_gen.manual_seed(678)
+    random.seed(9)
+    np.random.seed(9)  # noqa: NPY002 (the legacy global state is what a checkpoint restores)
+
+    position = resume_from(last, method=method, optimizer=optimizer, mask_generator=mask_gen, rank=0)
+
+    assert position == (saved["epoch"], saved["step"], saved["step_in_epoch"]) == (0, 2, 2)
+    rng = saved["rng"][0]
+    assert torch.equal(torch.get_rng_state(), rng["torch"])
+    assert torch.equal(mask_gen.get_state(), rng["mask_generator"])
+    assert random.getstate() == rng["python"]
+    assert np.array_equal(np.random.get_state()[1], rng["numpy"][1])  # noqa: NPY002
+    states = list(optimizer.state.values())
+    assert len(states) == sum(p.requires_grad for p in method.parameters())
+    assert all(s["step"].device.type == "cpu" and s["step"].item() == 2 for s in states)  # where AdamW reads it
+    assert all(s["exp_avg"].device.type == "meta" for s in states)  # placed on the parameters' device
+    assert optimizer.param_groups[0]["lr"] == saved["optimizer"]["param_groups"][0]["lr"] != 1.0
