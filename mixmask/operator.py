@@ -93,7 +93,10 @@ class MixingOperator:
 
     def _erase(self, view1: torch.Tensor, generator: torch.Generator | None) -> MixedBatch:
         n, device = view1.shape[0], view1.device
-        images, lam = erase(view1, self._masks(n, generator, device), self.erase_fill, generator)
+        fill = self.erase_fill
+        if isinstance(fill, torch.Tensor) and (fill.device != device or fill.dtype != view1.dtype):
+            fill = self.erase_fill = fill.to(device=device, dtype=view1.dtype)  # once: a per-step copy would sync
+        images, lam = erase(view1, self._masks(n, generator, device), fill, generator)
         return MixedBatch(kind="erase", images=images, lam=lam, perm=identity_permutation(n, device))
 
     def __call__(self, view1: torch.Tensor, generator: torch.Generator | None = None) -> list[MixedBatch]:
