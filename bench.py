@@ -187,6 +187,9 @@ def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict],
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = pick_device(args.device, 0)
+    if device.type == "cuda":
+        # As train.py does (mixmask.launch): FFCV's current stream and numba's context follow the current device.
+        torch.cuda.set_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 160)

@@ -119,11 +119,8 @@ def train(cfg: Config, run: launch.Launch) -> int:
     epoch, step, skip_batches = 0, 0, 0
     resume_path = ckpt_io.find_resume(cfg.run.resume, ckpt_dir)
     if resume_path is not None:
-        state = ckpt_io.load_checkpoint(resume_path, map_location=device)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step, skip_batches = state["epoch"], state["step"], state["step_in_epoch"]
-        ckpt_io.set_rng_state(state["rng"][min(run.rank, len(state["rng"]) - 1)], mask_gen)
+        epoch, step, skip_batches = ckpt_io.resume_from(resume_path, method=method, optimizer=optimizer,
+                                                        mask_generator=mask_gen, rank=run.rank)
         if epoch >= cfg.run.epochs:
             view.message(f"{resume_path} has finished all {cfg.run.epochs} epochs: nothing to train, writing the "
                          "outputs again (raise run.epochs to train on)")

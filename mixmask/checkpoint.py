@@ -47,7 +47,10 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by `save_atomic`; UserError (one line) when missing, truncated or not ours."""
+    """Load a checkpoint written by `save_atomic`; UserError (one line) when missing, truncated or not ours.
+
+    Keep the default CPU location for a resume (see `resume_from`): RNG states must stay CPU ByteTensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
@@ -59,6 +62,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or "method" not in ckpt or "config" not in ckpt:
         raise UserError(f"{str(path)!r} is not a training checkpoint of this project (no 'method'/'config' entries)")
     return ckpt
+
+
+def resume_from(path: str | Path, *, method: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                mask_generator: torch.Generator | None, rank: int) -> tuple[int, int, int]:
+    """Restore weights, queue, optimizer and this rank's RNG streams from `path`; return (epoch, step, step_in_epoch).
+
+    The file is read onto the CPU whatever the training device: `load_state_dict` copies the weights onto the
+    module's device and casts the optimizer state to its parameters' device, except `step`, which stays where the
+    optimizer keeps it (a CPU scalar unless capturable or fused: on the GPU its `.item()` would sync every step),
+    and the RNG states must be CPU ByteTensors for `torch.set_rng_state` / `Generator.set_state`.
+    """
+    state = load_checkpoint(path, map_location="cpu")
+    method.load_state_dict(state["method"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)], mask_generator)
+    return state["epoch"], state["step"], state["step_in_epoch"]
 
 
 def rng_state(mask_generator: torch.Generator | None = None) -> dict:

@@ -127,7 +127,10 @@ class MixingOperator:
 
     def _erase(self, view1: torch.Tensor, generator: torch.Generator | None) -> MixedBatch:
         perm = identity_permutation(view1.shape[0], view1.device)
-        images, lam = erase(view1, self._masks(perm, generator), self.erase_fill, generator)
+        fill = self.erase_fill
+        if isinstance(fill, torch.Tensor) and (fill.device != view1.device or fill.dtype != view1.dtype):
+            fill = self.erase_fill = fill.to(device=view1.device, dtype=view1.dtype)  # once: a per-step copy would sync
+        images, lam = erase(view1, self._masks(perm, generator), fill, generator)
         return MixedBatch(kind="erase", images=images, lam=lam, perm=perm)
 
     def __call__(self, view1: torch.Tensor, generator: torch.Generator | None = None) -> list[MixedBatch]:

@@ -7,7 +7,7 @@ ops, flips and normalisation inside DALI → torch tensors on the device.
   (which NVIDIA's examples key on the local rank) and its epoch bookkeeping, where DROP + reset makes the reader
   spill into, or skip, the next epoch's samples.
 - Decoding. `fn.decoders.image` runs on "mixed" (nvJPEG) when the device is CUDA and on "cpu" otherwise; the rest of
-  the graph is identical. Arrays skip the decoder.
+  the graph is identical. Arrays skip the decoder and are moved to the GPU when the device is CUDA.
 - One DALI pipeline per epoch, seeded from (seed, epoch, rank): each epoch's draws are reproducible for resume,
   and an abandoned epoch (max_steps) leaves nothing queued for the next one.
 - Photometric ops in DALI, per sample, applied by arithmetic with coin flips rather than branches (identity factors
@@ -147,6 +147,8 @@ class _DALIBase:
         if self.split.images is None:
             data = fn.decoders.image(data, device="mixed" if self.device.type == "cuda" else "cpu",
                                      output_type=types.RGB)
+        elif self.device.type == "cuda":
+            data = data.gpu()  # arrays: DALI copies them (pinned staging) so the whole graph runs on the GPU
         return data, labels, index
 
     def _run_epoch(self, build_outputs) -> Iterator[list[torch.Tensor]]:
