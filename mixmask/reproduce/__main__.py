@@ -3,7 +3,7 @@
 Expands the table into runs (preset + overrides, one run directory each under OUT/TABLE/DATASET/), runs the
 unfinished ones (`local`: one after another; `torchrun`: each on N processes; `slurm`: writes an array script and
 prints how to submit it), then writes results.md / results.json / results.png with the published numbers beside
-the measured ones. `--dry-run` lists the runs and commands (and prints the SLURM script) without running anything.
+the measured ones. `--dry-run` lists the runs and commands and prints the SLURM script, without running anything.
 Trailing `key=value` overrides apply to every run (e.g. data.path=data/cifar100-train.beton).
 """
 
@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("table", metavar="TABLE", help=f"one of: {', '.join(TABLES)}")
     parser.add_argument("--dataset", default=None, help="dataset of the table (default: its first)")
     parser.add_argument("--launcher", default="local", choices=LAUNCHERS)
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and commands (slurm: print the script)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the runs and commands and print the SLURM script; run nothing")
     parser.add_argument("--scale", default="paper", choices=("paper", "tiny"),
                         help="tiny: synthetic data and a few CPU steps per run, to exercise the pipeline")
     parser.add_argument("--only", default=None, metavar="PATTERN[,PATTERN]",
@@ -104,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {step.name + ':':10} {shell(step.argv)}")
         if no_data:
             print(f"\nnote: {len(no_data)} runs need data.path=... (the training .beton or dataset root) to run")
-        if args.launcher == "slurm":
-            print("\n# ---- SLURM array script (not written, not submitted: --dry-run)")
-            print(_script(runs, table.name, dataset, out_dir, nproc, args.cpus_per_task), end="")
+        script_nproc = args.nproc_per_node or _default_nproc("slurm", dataset)
+        print("\n# ---- SLURM array script that --launcher slurm writes (not written, not submitted: --dry-run)")
+        print(_script(runs, table.name, dataset, out_dir, script_nproc, args.cpus_per_task), end="")
         return 0
     if args.launcher == "slurm":
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         pending = sum(not r.finished for r in runs)
         print(f"wrote {path} ({len(runs)} array tasks, {pending} not finished yet)")
         print(f"submit with:   sbatch {path}")
-        again = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
-        print(f"then collect:  python -m mixmask.reproduce {again.replace('--launcher slurm', '').strip()} --collect")
+        again = [table.name, "--dataset", dataset, *(["--scale", "tiny"] if tiny else []),
+                 *(["--out", str(args.out)] if args.out else []), "--collect"]
+        print(f"then collect:  python -m mixmask.reproduce {shell(again)}")
         return 0
 
     def log(message: str) -> None:
