@@ -211,7 +211,10 @@ def test_a_failing_run_is_reported_in_one_line_and_the_table_still_collected(rep
     data_dir = repo_root / "data" / "test-cache"
     proc = _cli(repo_root, "permutation", "--scale", "tiny", "--only", "random", "--out", str(tmp_path),
                 f"data.data_dir={data_dir}", "data.batch_size=128")  # more than the 64 tiny training images
-    assert proc.returncode == 1
-    assert "random: failed" in proc.stderr and "data.batch_size=128 is larger than the training set" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    log = tmp_path / "permutation" / "cifar100" / "random" / "reproduce_train.log"
+    trainer_error = [ln for ln in log.read_text().splitlines() if ln.startswith("error: ")][-1]  # train.py's line
+    assert "random: failed in" in proc.stderr and f"train exited 2: {trainer_error} (log: {log})" in proc.stderr
     assert "error: 1 of 1 runs failed (random)" in proc.stderr
-    assert (tmp_path / "permutation" / "cifar100" / "results.md").is_file()
+    assert not (log.parent / "backbone.pt").exists()
+    assert "| random | – |" in (tmp_path / "permutation" / "cifar100" / "results.md").read_text()

@@ -116,8 +116,8 @@ def plot(table: Table, dataset: str, records: list[dict], out: Path) -> Path:
     rows, columns = table.rows(dataset), table.columns(dataset)
     panels = [(row, [r for r in records if r["row"] == row]) for row in rows] if len(columns) > 1 else \
         [(columns[0], records)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.0, 3.2 * len(panels)), 3.8), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.5, 3.2 * len(panels)), 4.2), squeeze=False,
+                             sharey=True, layout="constrained")
     for ax, (title, recs) in zip(axes[0], panels):
         labels = [r["column"] if len(columns) > 1 else r["row"] for r in recs]
         xs = range(len(recs))
@@ -136,7 +136,6 @@ def plot(table: Table, dataset: str, records: list[dict], out: Path) -> Path:
     axes[0][0].set_ylabel({"linear": "linear top-1 (%)", "knn": "kNN top-1 (%)"}[table.metric])
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"{table.title} — {dataset}", fontsize=10)
-    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
