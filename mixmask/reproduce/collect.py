@@ -125,14 +125,19 @@ def plot(table: Table, dataset: str, records: list[dict], out: Path) -> Path:
         paper = [r["paper"] if r["paper"] is not None else 0.0 for r in recs]
         ax.bar([x - 0.2 for x in xs], ours, width=0.4, label="ours", color="tab:blue")
         ax.bar([x + 0.2 for x in xs], paper, width=0.4, label="paper", color="tab:grey")
+        at_bottom = ax.get_xaxis_transform()  # x in data, y in axes fraction
         for x, r in zip(xs, recs):
             if r["paper"] is None:
-                ax.text(x + 0.2, 1.0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+                ax.text(x + 0.2, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, transform=at_bottom)
             if r["ours"] is None:
-                ax.text(x - 0.2, 1.0, "pending", ha="center", va="bottom", fontsize=7, rotation=90)
+                ax.text(x - 0.2, 0.02, "pending", ha="center", va="bottom", fontsize=7, rotation=90,
+                        transform=at_bottom)
+
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
+    values = [r[side] for r in records for side in ("ours", "paper") if r[side] is not None]
+    axes[0][0].set_ylim(0, 1.15 * max([*values, 1.0]))  # shared by every panel
     axes[0][0].set_ylabel({"linear": "linear top-1 (%)", "knn": "kNN top-1 (%)"}[table.metric])
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"{table.title} — {dataset}", fontsize=10)
