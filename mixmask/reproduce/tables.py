@@ -9,7 +9,7 @@ A table names its cells by row and column (`MoCo/MixMask`, `mask type: blocked/M
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from mixmask.errors import UserError, did_you_mean
@@ -152,8 +152,6 @@ def get_table(name: str, dataset: str | None) -> tuple[Table, str]:
 
 def config_keys() -> set[str]:
     """Every dotted key of this version's config (`mask.grid_size`, ...)."""
-    from dataclasses import is_dataclass
-
     from mixmask.config import Config
 
     cfg = Config()
