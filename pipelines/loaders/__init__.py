@@ -97,7 +97,7 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
                           os_cache: bool = True, batches_ahead: int = 2,
                           synthetic: dict | None = None, shuffle_buffer: int = 4096) -> TwoViewLoader:
     """A loader of `TwoViewBatch`es for this rank's shard; see the module docstring."""
-    cls = _backend(backend, 0)
+    cls = None if is_shard_path(path) else _backend(backend, 0)  # shards: the backend's shard reader
     if batch_size_per_rank < 1:
         raise UserError(f"batch_size_per_rank must be >= 1, got {batch_size_per_rank}")
     views = resolve(recipe, resolution)
@@ -127,7 +127,7 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
     With world_size > 1 the last shard is padded by wrapping (DistributedSampler semantics); gather with the
     sample indices if duplicates matter.
     """
-    cls = _backend(backend, 1)
+    cls = None if is_shard_path(path) else _backend(backend, 1)
     common = dict(resolution=resolution, batch_size_per_rank=batch_size_per_rank, train_aug=train_aug, rank=rank,
                   world_size=world_size, workers=workers, device=torch.device(device), seed=seed, mean=mean,
                   std=std, dtype=dtype, channels_last=channels_last, batches_ahead=batches_ahead,

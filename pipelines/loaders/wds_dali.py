@@ -8,7 +8,8 @@ The loaders are the DALI backend's classes with the input swapped: instead of fe
 of steps. Decoding, crops and photometric ops are the DALI backend's graph (nvJPEG on GPU, CPU decoder without
 one). Labels come from the `.cls` members and dataset indices from the sample keys (`source_info`), parsed on the
 host. Samples without an image or a label are skipped (`missing_component_behavior="skip"` and the filtered index
-of `wds_shards`).
+of `wds_shards`, counted in `num_missing`); an image that does not decode makes DALI fail its whole batch, which is
+dropped and counted in `skipped_batches`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import torch
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
+from mixmask.errors import UserError
 from pipelines.loaders.dali_backend import DALIEvalLoader, DALITwoViewLoader, _to_torch
 from pipelines.loaders.sharding import batch_seed, samples_per_rank
 from pipelines.loaders.wds_shards import ShardSet, dali_index_paths, epoch_shard_order, filtered_index_folder
 
 IMAGE_EXT = "jpg;png;jpeg"
+MAX_FAILED_BATCHES_IN_A_ROW = 8
 
 
 def _parse_labels(out) -> np.ndarray:
@@ -46,6 +49,7 @@ class _ShardEpochs:
 
     split: ShardSet
     shuffle_buffer: int
+    skipped_batches: int = 0  # batches dropped because an image in them did not decode
 
     def _run_epoch(self, build_outputs) -> Iterator[list[torch.Tensor]]:
         shards = self.split
@@ -69,8 +73,23 @@ class _ShardEpochs:
             pipe.set_outputs(*build_outputs(images, cls, info))
         pipe.build()
         try:
-            for _ in range(self.steps):
-                *outputs, cls_out, info_out = pipe.run()
+            done, failures = 0, 0
+            while done < self.steps:
+                try:
+                    *outputs, cls_out, info_out = pipe.run()
+                except RuntimeError as err:
+                    # DALI's decoder fails the whole batch holding an image it cannot decode, and the pipeline
+                    # goes on with the next one: drop the batch, count it, and read one more (the reader wraps
+                    # within this rank's share, as its padding does), so the step count holds.
+                    self.skipped_batches += 1
+                    failures += 1
+                    if failures > MAX_FAILED_BATCHES_IN_A_ROW:
+                        detail = next((line for line in str(err).splitlines() if "rror" in line), "")
+                        raise UserError(f"DALI failed {failures} batches in a row reading {shards.sidecar_path}'s "
+                                        f"shards: {detail.strip()}") from None
+                    continue
+                failures = 0
+                done += 1
                 labels = torch.from_numpy(_parse_labels(cls_out)).to(self.device, non_blocking=True)
                 rows = torch.from_numpy(_parse_rows(info_out)).to(self.device, non_blocking=True)
                 yield [*(_to_torch(out, self.device) for out in outputs), labels, rows]
