@@ -284,3 +284,18 @@ def test_torchrun_two_processes_train_from_shards_with_dali(repo_root, demo_shar
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
     assert state["step"] == 3 and len(state["rng"]) == 2 and "world_size: 2" in (tmp_path / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_bench_loader_source_wds_puts_shard_rows_beside_the_others(repo_root, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "loader", "--source", "wds", "--resolution", "16",
+                           "--batch-size", "8", "--batches", "2", "--workers", "1", "--num-images", "64",
+                           "--shard-samples", "16", "--warmup", "1", "--repeats", "2", "--json", str(out)],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = __import__("json").loads(out.read_text())["results"]
+    assert [(r["backend"], r["storage"]) for r in rows] == [
+        ("ffcv", "beton"), ("dali", "arrays"), ("torchvision", "arrays"), ("dali", "wds"), ("torchvision", "wds")]
+    assert all(r["images_per_s"] > 0 and "ratio_vs_torchvision" in r for r in rows)
