@@ -43,6 +43,8 @@ class DataConfig:
     batches_ahead: int = opt(2, "ffcv/dali: batches prepared ahead of the step", ge=1)
     shuffle_buffer: int = opt(4096, "webdataset shards: samples in each rank's shuffle buffer (0 = stored order)",
                               ge=0)
+    shard_url: str = opt("", "webdataset shards: where dali reads the .tar files (e.g. s3://bucket/prefix); "
+                         "'' = beside the sidecar and .idx files in data.path")
     synthetic_images: int = opt(2000, "synthetic source: training images", ge=10)
     synthetic_val_images: int = opt(500, "synthetic source: held-out images", ge=10)
     synthetic_classes: int = opt(10, "synthetic source: classes", ge=2)

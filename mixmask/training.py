@@ -104,7 +104,7 @@ def _shard_paths(cfg: Config, log: Callable[[str], None]) -> DataPaths:
     if cfg.data.backend not in ("dali", "torchvision"):
         raise UserError(f"data.path={cfg.data.path!r} holds webdataset shards: use data.backend=dali (or "
                         "torchvision, the reference reader); ffcv reads a .beton")
-    train = open_shards(cfg.data.path, "train")
+    train = open_shards(cfg.data.path, "train", cfg.data.shard_url)
     if train.num_missing:
         log(f"{train.num_missing} of {train.num_expected} samples are missing from the shards of "
             f"{cfg.data.path} (lost shard, truncated tar or member): skipped")
@@ -127,6 +127,8 @@ def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_p
         views = tuple(replace(v, crop_scale=(cfg.aug.crop_min_scale, v.crop_scale[1])) for v in views)
     common = dict(source=cfg.data.source, resolution=cfg.data.resolution, rank=run.rank,
                   world_size=run.world_size, workers=cfg.data.workers, device=run.device)
+    if cfg.data.shard_url:  # webdataset shards whose tars live elsewhere (an object store)
+        common["shard_url"] = cfg.data.shard_url
     train = build_two_view_loader(
         cfg.data.backend, path=data.train, split="train", batch_size_per_rank=batch_size_per_rank,
         recipe=views, seed=cfg.run.seed, dtype=dtype, channels_last=cfg.run.channels_last,

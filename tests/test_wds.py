@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -299,3 +300,64 @@ def test_bench_loader_source_wds_puts_shard_rows_beside_the_others(repo_root, tm
     assert [(r["backend"], r["storage"]) for r in rows] == [
         ("ffcv", "beton"), ("dali", "arrays"), ("torchvision", "arrays"), ("dali", "wds"), ("torchvision", "wds")]
     assert all(r["images_per_s"] > 0 and "ratio_vs_torchvision" in r for r in rows)
+
+
+# ---------------------------------------------------------------- remote shards (S3 API on loopback)
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A moto S3 server on 127.0.0.1 started for the test and stopped after it; AWS variables point at it."""
+    pytest.importorskip("moto", reason="moto[server] (requirements-dev.txt) serves the S3 API")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "moto server did not start"
+                time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{port}"
+        for key, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "test"),
+                           ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1"),
+                           ("AWS_DEFAULT_REGION", "us-east-1")):
+            monkeypatch.setenv(key, value)
+        yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_dali_reads_shards_from_an_s3_server_like_local_ones(shards, s3_endpoint, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="shards")
+    index_only = tmp_path / "index-only"  # the sidecar and .idx files stay local, the tars exist only in the bucket
+    index_only.mkdir()
+    for tar in sorted(shards.glob("train-*.tar")):
+        s3.upload_file(str(tar), "shards", f"synthetic/{tar.name}")
+        shutil.copy(tar.with_suffix(".idx"), index_only)
+    shutil.copy(shards / "train.json", index_only)
+    for rank in (0, 1):
+        local = _loader("dali", shards, rank=rank, world_size=2)
+        remote = build_two_view_loader("dali", source="synthetic", path=str(index_only), resolution=RES,
+                                       batch_size_per_rank=BATCH, recipe=(GEOMETRY_ONLY, GEOMETRY_ONLY), rank=rank,
+                                       world_size=2, seed=0, workers=1, device=torch.device("cpu"),
+                                       shuffle_buffer=16, shard_url="s3://shards/synthetic")
+        for a, b in zip(local, remote, strict=True):
+            assert torch.equal(a.index, b.index) and torch.equal(a.view1, b.view1) and torch.equal(a.labels, b.labels)
+    with pytest.raises(UserError, match="remote shards are read by data.backend=dali"):
+        build_two_view_loader("torchvision", source="synthetic", path=str(shards), resolution=RES,
+                              batch_size_per_rank=BATCH, recipe="mocov2", rank=0, world_size=1, seed=0, workers=0,
+                              device="cpu", shard_url="s3://shards/synthetic")

@@ -95,7 +95,8 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
                           world_size: int, seed: int, workers: int, device: torch.device,
                           dtype: torch.dtype = torch.float32, channels_last: bool = True, drop_last: bool = True,
                           os_cache: bool = True, batches_ahead: int = 2,
-                          synthetic: dict | None = None, shuffle_buffer: int = 4096) -> TwoViewLoader:
+                          synthetic: dict | None = None, shuffle_buffer: int = 4096,
+                          shard_url: str = "") -> TwoViewLoader:
     """A loader of `TwoViewBatch`es for this rank's shard; see the module docstring."""
     cls = None if is_shard_path(path) else _backend(backend, 0)  # shards: the backend's shard reader
     if batch_size_per_rank < 1:
@@ -105,7 +106,7 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
                   world_size=world_size, seed=seed, workers=workers, device=torch.device(device), dtype=dtype,
                   channels_last=channels_last, drop_last=drop_last, batches_ahead=batches_ahead)
     if is_shard_path(path):
-        loader = build_shard_loader(backend, 0, path, split, shuffle_buffer, **common)
+        loader = build_shard_loader(backend, 0, path, split, shuffle_buffer, shard_url, **common)
     elif backend == "ffcv":
         loader = cls(path, os_cache=os_cache, **common)
     else:
@@ -121,7 +122,7 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
                       device: torch.device, seed: int = 0, dtype: torch.dtype = torch.float32,
                       channels_last: bool = True, mean: tuple[float, float, float] = IMAGENET_MEAN,
                       std: tuple[float, float, float] = IMAGENET_STD, os_cache: bool = True, batches_ahead: int = 2,
-                      synthetic: dict | None = None, shuffle_buffer: int = 4096) -> Any:
+                      synthetic: dict | None = None, shuffle_buffer: int = 4096, shard_url: str = "") -> Any:
     """Single-view (images, labels) batches, no drop_last: RRC + flip if `train_aug`, else (resize +) centre crop.
 
     With world_size > 1 the last shard is padded by wrapping (DistributedSampler semantics); gather with the
@@ -133,7 +134,7 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
                   std=std, dtype=dtype, channels_last=channels_last, batches_ahead=batches_ahead,
                   small=resolution <= SMALL_IMAGE_MAX)
     if is_shard_path(path):
-        return build_shard_loader(backend, 1, path, split, shuffle_buffer, **common)
+        return build_shard_loader(backend, 1, path, split, shuffle_buffer, shard_url, **common)
     if backend == "ffcv":
         return cls(path, os_cache=os_cache, **common)
     return cls(open_split(source, path, split, synthetic), **common)

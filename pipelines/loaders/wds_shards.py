@@ -3,7 +3,9 @@ completely, and how an epoch is split across ranks (one definition for DALI's re
 
 `data.path` is a folder written by `python -m pipelines.convert ... --format wds` (the split's sidecar
 `DIR/<split>.json` lists the shards), a brace pattern `DIR/train-{000000..000099}.tar`, or one `.tar`; the
-sidecar beside the shards gives the class names and the expected sample counts.
+sidecar beside the shards gives the class names and the expected sample counts. With `tar_url` (e.g.
+`s3://bucket/prefix`) the `.tar` files are read from there by name, while the sidecar and the `.idx` files stay in
+`data.path` (DALI reads `s3://` itself; credentials and endpoint from the usual AWS variables).
 
 Completeness comes from the index files: a sample counts when it has an image (`jpg`/`png`) and a `cls` member
 lying inside the tar. A shard file that is gone, a truncated tar or a sample that lost a member is skipped and
@@ -117,8 +119,12 @@ def _parse_index(idx: Path, tar_size: int) -> tuple[list[int], list[str], int]:
     return rows, lines, listed
 
 
-def open_shards(path: str | os.PathLike, split: str = "train") -> ShardSet:
-    """The shards `path` names for `split`; UserError (one line) when there are none to read."""
+def is_remote(url: str) -> bool:
+    return "://" in url
+
+
+def open_shards(path: str | os.PathLike, split: str = "train", tar_url: str = "") -> ShardSet:
+    """The shards `path` names for `split` (their tars under `tar_url` when set); UserError when there are none."""
     text = str(path)
     if Path(text).is_dir():
         sidecar = Path(text) / f"{split}.json"
@@ -140,9 +146,13 @@ def open_shards(path: str | os.PathLike, split: str = "train") -> ShardSet:
             raise UserError(f"{url} is not listed in {sidecar}")
         num_expected += expected[name]
         idx = Path(url).with_suffix(".idx")
-        if not Path(url).is_file() or not idx.is_file():
+        if tar_url:
+            url = f"{tar_url.rstrip('/')}/{name}"
+        if not idx.is_file() or (not is_remote(url) and not Path(url).is_file()):
             continue  # a lost shard: its samples are counted as missing
-        shard_rows, lines, listed = _parse_index(idx, os.path.getsize(url))
+        # a remote tar is not sized here: a truncated one fails its batches in DALI (dropped and counted)
+        size = 2**63 if is_remote(url) else os.path.getsize(url)
+        shard_rows, lines, listed = _parse_index(idx, size)
         if not shard_rows:
             continue
         if len(shard_rows) < listed:
@@ -201,15 +211,18 @@ SHARD_BACKENDS = {
 
 
 def build_shard_loader(backend: str, kind: int, path: str | os.PathLike, split: str, shuffle_buffer: int,
-                       **common):
+                       tar_url: str = "", **common):
     """The two-view (kind 0) or eval (kind 1) loader of `backend` over the shards `path` names for `split`."""
     import importlib
 
     if backend not in SHARD_BACKENDS:
         raise UserError(f"data.path={str(path)!r} holds webdataset shards, which data.backend=dali or "
                         f"torchvision reads (not {backend}); ffcv reads a .beton")
+    if tar_url and backend != "dali":
+        raise UserError(f"data.shard_url={tar_url!r}: remote shards are read by data.backend=dali; the reference "
+                        "reader (torchvision) reads local shards")
     if shuffle_buffer < 0:
         raise UserError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
     module, *classes = SHARD_BACKENDS[backend]
     cls = getattr(importlib.import_module(module), classes[kind])
-    return cls(open_shards(path, split), shuffle_buffer=shuffle_buffer, **common)
+    return cls(open_shards(path, split, tar_url), shuffle_buffer=shuffle_buffer, **common)
