@@ -228,6 +228,7 @@ def test_missing_and_corrupt_members_are_skipped_and_counted(shards, tmp_path, b
         assert loader.skipped_batches == 1  # DALI drops the whole batch of the image it cannot decode
     else:
         assert set(rows) == set(range(N)) - damage["lost"] - damage["bad"]
+        assert loader.skipped_samples == 1  # the one image that does not decode
 
 
 def test_shard_errors_are_one_line(shards, tmp_path):

@@ -7,7 +7,7 @@ sample. Within a rank, the share is cut into runs of whole batches, one per Data
 the shards its run touches, keeps the samples of its run, shuffles them in a buffer seeded by (seed, epoch, rank,
 worker) and pads with its last sample to its batch count, so every rank runs the same number of steps. Views are
 drawn from a torch stream seeded by (seed, epoch, row), as in the torchvision backend. A sample whose image fails
-to decode is skipped (the padding fills its slot) and counted in `skipped` of the worker that met it.
+to decode is skipped (the padding fills its slot) and counted in the loader's `skipped_samples`.
 """
 
 from __future__ import annotations
@@ -48,8 +48,12 @@ class _ShardStream(IterableDataset):
         self.skipped = 0
 
     def _skip(self, err: Exception) -> bool:
-        self.skipped += 1  # a sample that cannot be read: dropped, its slot padded
+        self.skipped += 1  # a sample whose image does not decode: dropped, its slot padded
         return True
+
+    @staticmethod
+    def _go_on(err: Exception) -> bool:
+        return True  # a damaged tar: the samples it loses are counted once the stream ends
 
     def _run(self, worker: int, num_workers: int) -> tuple[list[str], set[int], int]:
         """(shard urls to stream, rows to keep, slots to fill) of one worker in this epoch."""
@@ -79,8 +83,15 @@ class _ShardStream(IterableDataset):
         urls, rows, slots = self._run(worker, num_workers)
         if slots == 0:
             return
-        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=self._skip),
-                  wds.select(lambda s: s["__key__"].isdigit() and int(s["__key__"]) in rows)]
+        seen: set[int] = set()
+
+        def wanted(sample: dict) -> bool:
+            keep = sample["__key__"].isdigit() and int(sample["__key__"]) in rows
+            if keep:
+                seen.add(int(sample["__key__"]))
+            return keep
+
+        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=self._go_on), wds.select(wanted)]
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker])
                                     .generate_state(1)[0]))
@@ -95,13 +106,15 @@ class _ShardStream(IterableDataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_sample_seed(self.seed, self.epoch, row))
                 views = [t(image) for t in self.transforms]
-            item = (*views, int(label), row)
+            item = (*views, int(label), row, worker, self.skipped)  # the count travels to the main process
             emitted += 1
             yield item
+        else:
+            self.skipped += len(rows) - len(seen)  # wanted samples that no tar delivered
         if item is None:
             raise RuntimeError(f"rank {self.rank} worker {worker} read no sample from {urls}")
         for _ in range(slots - emitted):  # padding: every rank runs the same number of steps
-            yield item
+            yield (*item[:-1], self.skipped)
 
 
 class _ReferenceBase:
@@ -120,6 +133,17 @@ class _ReferenceBase:
                                  pin_memory=self.device.type == "cuda",
                                  prefetch_factor=max(1, batches_ahead) if workers > 0 else None)
         self.num_missing = shards.num_missing
+        self.skipped_samples = 0  # images that did not decode, over the epochs read so far
+
+    def _batches(self) -> Iterator[tuple]:
+        """The DataLoader's batches without the bookkeeping fields; tallies each worker's skipped images."""
+        per_worker: dict[int, int] = {}
+        try:
+            for *fields, worker, skipped in self.loader:
+                per_worker[int(worker[-1])] = int(skipped.max())
+                yield fields
+        finally:
+            self.skipped_samples += sum(per_worker.values())
 
     def __len__(self) -> int:
         return self.steps
@@ -139,7 +163,7 @@ class ReferenceShardTwoViewLoader(_ReferenceBase):
                          shuffle=True, shuffle_buffer=shuffle_buffer, **kwargs)
 
     def __iter__(self) -> Iterator[TwoViewBatch]:
-        for view1, view2, labels, rows in self.loader:
+        for view1, view2, labels, rows in self._batches():
             yield TwoViewBatch(_to_device(view1, self.device, self.dtype, self.channels_last),
                                _to_device(view2, self.device, self.dtype, self.channels_last),
                                labels.to(self.device, non_blocking=True), rows.to(self.device, non_blocking=True))
@@ -161,5 +185,5 @@ class ReferenceShardEvalLoader(_ReferenceBase):
                          **kwargs)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, _ in self.loader:
+        for images, labels, _ in self._batches():
             yield _to_device(images, self.device, self.dtype, self.channels_last), labels.to(self.device)
