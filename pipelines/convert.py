@@ -93,16 +93,12 @@ def convert(source: str, out: Path, *, root: str | Path | None = None, split: st
     num_workers = _check_options(write_mode, max_resolution, jpeg_quality, workers)
     if out_format not in FORMATS:
         raise choice_error("format", out_format, FORMATS)
+    out = _check_out(out) if out_format == "beton" else out
     src = open_source(source, root, split, num_images=num_images, num_classes=num_classes,
                       resolution=resolution, seed=seed)
-    if out_format == "wds":
-        from pipelines.wds import ShardLayout
-
-        layout = ShardLayout.from_out(out, src.split)
-    else:
-        out = _check_out(out)
-        # FFCV's import compiles numba code for seconds: pay it before the clock starts so images/s means writing.
-        import ffcv.writer  # noqa: F401
+    layout = _shard_layout(out, src.split) if out_format == "wds" else None
+    # FFCV's import compiles numba code for seconds: pay it before the clock starts so images/s means writing.
+    import ffcv.writer  # noqa: F401
 
     start = time.perf_counter()
     skipped: list[tuple[str, str]] = list(src.ignored)
@@ -142,6 +138,12 @@ def convert(source: str, out: Path, *, root: str | Path | None = None, split: st
         class_counts=np.bincount(labels, minlength=len(src.class_names)).tolist(), write_mode=write_mode,
         max_resolution=max_resolution, jpeg_quality=jpeg_quality, workers=num_workers, seconds=seconds,
         images_per_s=len(good) / max(seconds, 1e-9), bytes_written=out.stat().st_size, extra=src.describe())
+
+
+def _shard_layout(out: Path, split: str):
+    from pipelines.wds import ShardLayout
+
+    return ShardLayout.from_out(out, split)
 
 
 def _convert_wds(src, good: np.ndarray, skipped: list[tuple[str, str]], layout, start: float, reporter: Reporter,
