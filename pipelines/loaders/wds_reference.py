@@ -81,6 +81,7 @@ class _ShardStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         urls, rows, slots = self._run(worker, num_workers)
+        self.skipped = 0  # per epoch: the loader adds each epoch's counts up
         if slots == 0:
             return
         seen: set[int] = set()
