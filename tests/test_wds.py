@@ -49,10 +49,11 @@ def _tar_members(tar: Path) -> list[tuple[str, bytes]]:
 
 
 def _loader(backend: str, path, *, rank: int = 0, world_size: int = 1, seed: int = 0, workers: int = 1,
-            batch: int = BATCH, buffer: int = 16, recipe=(GEOMETRY_ONLY, GEOMETRY_ONLY)):
+            batch: int = BATCH, buffer: int = 16, recipe=(GEOMETRY_ONLY, GEOMETRY_ONLY), drop_last: bool = True):
     return build_two_view_loader(backend, source="synthetic", path=str(path), resolution=RES,
                                  batch_size_per_rank=batch, recipe=recipe, rank=rank, world_size=world_size,
-                                 seed=seed, workers=workers, device=torch.device("cpu"), shuffle_buffer=buffer)
+                                 seed=seed, workers=workers, device=torch.device("cpu"), shuffle_buffer=buffer,
+                                 drop_last=drop_last)
 
 
 def _epoch(loader, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -153,14 +154,45 @@ def test_two_ranks_are_disjoint_cover_the_epoch_and_take_equal_steps(shards, bac
     assert shares[0] != shares[1]  # the epoch's shard order moves samples between ranks
 
 
-def test_dali_and_the_reference_reader_read_the_same_samples_per_rank(shards):
-    for rank in (0, 1):
-        dali, ref = (_loader(b, shards, rank=rank, world_size=2, workers=2) for b in READERS)
+# 42 over 2 ranks: 7 full batches each; 41 over 3 ranks: shares of 13, 14, 14 padded to 5 batches (no drop_last,
+# which would drop a buffer-order-dependent remainder that the two readers need not agree on)
+@pytest.mark.parametrize("num_images,world_size", [(N, 2), (41, 3)])
+def test_dali_and_the_reference_reader_read_the_same_samples_per_rank(tmp_path, num_images, world_size):
+    _convert(tmp_path / "shards", num_images=num_images)
+    for rank in range(world_size):
+        dali, ref = (_loader(b, tmp_path / "shards", rank=rank, world_size=world_size, workers=2,
+                             drop_last=world_size == 2) for b in READERS)
         for epoch in (0, 3):
             (rd, ld, _), (rr, lr, _) = _epoch(dali, epoch), _epoch(ref, epoch)
-            assert sorted(rd.tolist()) == sorted(rr.tolist())
+            assert set(rd.tolist()) == set(rr.tolist())  # (DALI fills its last batch by padding)
             assert dict(zip(rd.tolist(), ld.tolist())) == dict(zip(rr.tolist(), lr.tolist()))
             assert not np.array_equal(rd, np.sort(rd))  # the buffer shuffles
+
+
+def test_partition_helpers_against_a_direct_count():
+    from pipelines.loaders.wds_reference import worker_runs
+    from pipelines.loaders.wds_shards import rank_span
+    from pipelines.wds import assign_to_shards
+
+    for n, w in [(21, 4), (41, 3), (7, 8), (100, 1)]:
+        spans = [rank_span(n, r, w) for r in range(w)]
+        assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        sizes = [hi - lo for lo, hi in spans]
+        assert max(sizes) - min(sizes) <= 1
+    assert [hi - lo for lo, hi in (rank_span(21, r, 4) for r in range(4))] == [5, 5, 5, 6]  # DALI: 0,5,10,15,21
+    runs = worker_runs(21, 3, 2)  # 7 batches over 2 workers: 4 + 3 whole batches
+    assert runs == [(0, 12), (12, 21)]
+    parts = assign_to_shards(25, 10, seed=1)
+    assert [len(p) for p in parts] == [10, 10, 5] and sorted(np.concatenate(parts).tolist()) == list(range(25))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, assign_to_shards(25, 10, seed=1)))
+    assert not np.array_equal(np.concatenate(parts), np.concatenate(assign_to_shards(25, 10, seed=2)))
+
+
+def test_bad_out_for_shards_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipelines.convert", "synthetic", "--format", "wds", "--out",
+                           str(tmp_path / "x.beton"), "--no-progress"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is a folder" in proc.stderr
 
 
 @pytest.mark.parametrize("backend", READERS)
