@@ -97,8 +97,9 @@ def convert(source: str, out: Path, *, root: str | Path | None = None, split: st
     src = open_source(source, root, split, num_images=num_images, num_classes=num_classes,
                       resolution=resolution, seed=seed)
     layout = _shard_layout(out, src.split) if out_format == "wds" else None
-    # FFCV's import compiles numba code for seconds: pay it before the clock starts so images/s means writing.
-    import ffcv.writer  # noqa: F401
+    if layout is None:  # shards need no FFCV
+        # FFCV's import compiles numba code for seconds: pay it before the clock starts so images/s means writing.
+        import ffcv.writer  # noqa: F401
 
     start = time.perf_counter()
     skipped: list[tuple[str, str]] = list(src.ignored)

@@ -107,6 +107,33 @@ def test_rerun_after_interruption_keeps_finished_shards_and_writes_the_rest(tmp_
     assert not list(out.glob(".*tmp*")) and (out / "train.json").is_file()
 
 
+@pytest.mark.slow
+def test_a_killed_conversion_leaves_only_complete_shards_and_resumes(tmp_path):
+    cmd = [sys.executable, "-m", "pipelines.convert", "synthetic", "--format", "wds", "--num-images", "2000",
+           "--resolution", "32", "--shard-samples", "50", "--workers", "1", "--no-progress"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "killed")], cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(list((tmp_path / "killed").glob("train-*.tar"))) < 5:
+        assert proc.poll() is None and time.time() < deadline, "conversion ended before it could be killed"
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no clean-up of any kind
+    proc.wait()
+    finished = sorted((tmp_path / "killed").glob("train-*.tar"))
+    assert 5 <= len(finished) < 40 and not (tmp_path / "killed" / "train.json").exists()
+    for tar in finished:  # every shard under its final name is whole, with its index
+        assert len(_tar_members(tar)) == 2 * 50
+        assert tar.with_suffix(".idx").read_text().startswith("v1.2 50\n")
+    kept = {t.name: t.stat().st_ino for t in finished}
+    subprocess.run([*cmd, "--out", str(tmp_path / "killed")], cwd=root, check=True, capture_output=True)
+    subprocess.run([*cmd, "--out", str(tmp_path / "fresh")], cwd=root, check=True, capture_output=True)
+    assert all((tmp_path / "killed" / name).stat().st_ino == ino for name, ino in kept.items())
+    for fresh in sorted((tmp_path / "fresh").glob("train-*")):
+        assert (tmp_path / "killed" / fresh.name).read_bytes() == fresh.read_bytes()
+    assert len(list((tmp_path / "killed").glob("train-*.tar"))) == 40
+
+
 def test_rerun_with_other_options_is_refused_in_one_line(tmp_path):
     _convert(tmp_path / "shards")
     proc = subprocess.run([sys.executable, "-m", "pipelines.convert", "synthetic", "--format", "wds", "--out",
