@@ -1,4 +1,4 @@
-"""Convert a dataset source to an FFCV `.beton` (fields `image`, `label`) plus its JSON sidecar.
+"""Convert a dataset source to an FFCV `.beton` (fields `image`, `label`) or webdataset shards, plus a JSON sidecar.
 
 Bad files never reach the FFCV writer: file-based sources are validated in a parallel pre-pass, and what fails
 is skipped and listed. The writer runs on a temporary name beside the output, and the rename happens only once
