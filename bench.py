@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("loader", help="two-view loader throughput per backend, vs the official torchvision recipe")
     common(p)
     p.add_argument("--backend", type=_strs, default=["ffcv", "dali", "torchvision"], help="comma-separated")
-    p.add_argument("--source", default="synthetic", help="synthetic | cifar100 | tinyimagenet | imagefolder")
+    p.add_argument("--source", default="synthetic",
+                   help="synthetic | cifar100 | tinyimagenet | imagefolder | wds (the images also as shards)")
     p.add_argument("--data", default=None, help=".beton (ffcv) or dataset root (dali/torchvision)")
     p.add_argument("--data-beton", default=None, help="the .beton of the same data for ffcv when --data is a folder")
     p.add_argument("--resolution", type=int, default=64)
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="mocov2")
     p.add_argument("--batches", type=int, default=10, help="batches per timed repeat")
     p.add_argument("--num-images", type=int, default=1024, help="synthetic source: images generated")
+    p.add_argument("--shard-samples", type=int, default=1000, help="wds: samples per shard when writing them")
+    p.add_argument("--shuffle-buffer", type=int, default=4096, help="wds: the readers' shuffle buffer")
     p.add_argument("--make-photos", type=int, default=0, metavar="N",
                    help="imagefolder source: first write N ~500x375 JPEGs from scikit-image's photographs to --data")
 
@@ -216,15 +219,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.make_photos:
             from mixmask.benchmarking.photos import make_photo_folder
 
-            if args.source != "imagefolder" or not args.data:
+            if args.source not in ("imagefolder", "wds") or not args.data:
                 raise UserError("--make-photos needs --source imagefolder and --data DIR")
             make_photo_folder(args.data, args.make_photos)
-        if args.source != "synthetic" and not args.data:
+        if args.source not in ("synthetic", "wds") and not args.data:
             raise UserError(f"--source {args.source} needs --data (a dataset root; ffcv also --data-beton)")
         synthetic = None
-        if args.source == "synthetic":
+        if args.source in ("synthetic", "wds") and not args.data:
             synthetic = dict(num_images=args.num_images, num_classes=10, resolution=args.resolution, seed=0)
-        for backend in args.backend:
+        if args.source == "wds":
+            from mixmask.benchmarking.loader_wds import wds_runs
+
+            for r in wds_runs(args.backend, data=args.data, data_beton=args.data_beton, synthetic=synthetic,
+                              shard_samples=args.shard_samples,
+                              beton_of=lambda src, x: _synthetic_beton(x) if src == "synthetic" else _folder_beton(
+                                  src, x)):
+                rows += run_loader_bench(r.backend, source=r.source, path=r.path, resolution=args.resolution,
+                                         batch_size=args.batch_size, workers=args.workers, recipe=args.recipe,
+                                         device=device, warmup_batches=args.warmup, batches=args.batches,
+                                         repeats=args.repeats, synthetic=r.synthetic, storage=r.storage,
+                                         shuffle_buffer=args.shuffle_buffer)
+        for backend in args.backend if args.source != "wds" else []:
             path = args.data_beton if backend == "ffcv" and args.data_beton else args.data
             if backend == "ffcv" and synthetic is not None and path is None:
                 path = str(_synthetic_beton(synthetic))

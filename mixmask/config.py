@@ -34,7 +34,8 @@ def opt(default: Any, doc: str, *, choices: tuple | None = None, ge: float | Non
 @dataclass
 class DataConfig:
     source: str = opt("synthetic", "dataset source", choices=SOURCES)
-    path: str = opt("", "training data: .beton for ffcv, dataset root for dali/torchvision; '' = synthetic default")
+    path: str = opt("", "training data: .beton for ffcv, dataset root or webdataset shards (folder or brace "
+                    "pattern) for dali/torchvision; '' = synthetic default")
     val_path: str = opt("", "held-out split for the kNN monitor and eval; '' = derived from `path`")
     backend: str = opt("ffcv", "loader backend", choices=BACKENDS)
     resolution: int = opt(32, "training crop size in pixels", ge=8)
@@ -42,6 +43,10 @@ class DataConfig:
     workers: int = opt(8, "loader worker threads/processes per rank", ge=0)
     os_cache: bool = opt(True, "ffcv: read the .beton through the OS page cache (else its own quasi-random cache)")
     batches_ahead: int = opt(2, "ffcv/dali: batches prepared ahead of the step", ge=1)
+    shuffle_buffer: int = opt(4096, "webdataset shards: samples in each rank's shuffle buffer (0 = stored order)",
+                              ge=0)
+    shard_url: str = opt("", "webdataset shards: where dali reads the .tar files (e.g. s3://bucket/prefix); "
+                         "'' = beside the sidecar and .idx files in data.path")
     synthetic_images: int = opt(2000, "synthetic source: training images", ge=10)
     synthetic_val_images: int = opt(500, "synthetic source: held-out images", ge=10)
     synthetic_classes: int = opt(10, "synthetic source: classes", ge=2)

@@ -55,6 +55,10 @@ def _classes_from_sidecar(beton: Path) -> int | None:
 
 def prepare_data(cfg: Config, run: launch.Launch, log: Callable[[str], None]) -> DataPaths:
     """Resolve the data paths; convert the synthetic default to .beton on first use (rank 0, others wait)."""
+    from pipelines.loaders.wds_shards import is_shard_path
+
+    if cfg.data.path and is_shard_path(cfg.data.path):  # webdataset shards, whatever data.source says
+        return _shard_paths(cfg, log)
     if cfg.data.source == "synthetic":
         paths = DataPaths(train=None, val=None, num_classes=cfg.data.synthetic_classes,
                           synthetic_train=synthetic_kwargs(cfg, "train"), synthetic_val=synthetic_kwargs(cfg, "val"))
@@ -93,6 +97,25 @@ def prepare_data(cfg: Config, run: launch.Launch, log: Callable[[str], None]) ->
     return DataPaths(train=str(train), val=val_root, num_classes=len(source.class_names))
 
 
+def _shard_paths(cfg: Config, log: Callable[[str], None]) -> DataPaths:
+    """Webdataset shards: classes from their sidecar; held-out shards from data.val_path or the folder's val split."""
+    from pipelines.loaders.wds_shards import is_shard_path, open_shards
+
+    if cfg.data.backend not in ("dali", "torchvision"):
+        raise UserError(f"data.path={cfg.data.path!r} holds webdataset shards: use data.backend=dali (or "
+                        "torchvision, the reference reader); ffcv reads a .beton")
+    train = open_shards(cfg.data.path, "train", cfg.data.shard_url)
+    if train.num_missing:
+        log(f"{train.num_missing} of {train.num_expected} samples are missing from the shards of "
+            f"{cfg.data.path} (lost shard, truncated tar or member): skipped")
+    val = cfg.data.val_path or None
+    if val is None and Path(cfg.data.path).is_dir() and (Path(cfg.data.path) / "val.json").is_file():
+        val = cfg.data.path
+    if val is not None and not is_shard_path(val):
+        raise UserError(f"data.val_path={val!r} must be webdataset shards too when data.path holds shards")
+    return DataPaths(train=cfg.data.path, val=val, num_classes=len(train.class_names))
+
+
 def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_per_rank: int, use_bf16: bool):
     """The two-view training loader and, when a held-out split exists, the (bank, query) kNN monitor loaders."""
     from pipelines.augment import recipe
@@ -104,12 +127,14 @@ def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_p
         views = tuple(replace(v, crop_scale=(cfg.aug.crop_min_scale, v.crop_scale[1])) for v in views)
     common = dict(source=cfg.data.source, resolution=cfg.data.resolution, rank=run.rank,
                   world_size=run.world_size, workers=cfg.data.workers, device=run.device)
+    if cfg.data.shard_url:  # webdataset shards whose tars live elsewhere (an object store)
+        common["shard_url"] = cfg.data.shard_url
     train = build_two_view_loader(
         cfg.data.backend, path=data.train, split="train", batch_size_per_rank=batch_size_per_rank,
         recipe=views, seed=cfg.run.seed, dtype=dtype, channels_last=cfg.run.channels_last,
         os_cache=cfg.data.os_cache, batches_ahead=cfg.data.batches_ahead, synthetic=data.synthetic_train or None,
-        **common)
-    if cfg.run.knn_every == 0 or (data.val is None and cfg.data.source != "synthetic"):
+        shuffle_buffer=cfg.data.shuffle_buffer, **common)
+    if cfg.run.knn_every == 0 or (data.val is None and not data.synthetic_val):
         return train, None
     eval_batch = max(1, min(256, cfg.eval.batch_size // run.world_size))
     bank = build_eval_loader(cfg.data.backend, path=data.train, split="train", batch_size_per_rank=eval_batch,
