@@ -88,6 +88,8 @@ def train(cfg: Config, run: launch.Launch) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     view = ProgressView(0, is_main=run.is_main, show_steps=False)
+    if note := launch.worker_note(cfg.data.workers):
+        view.message(note)
 
     # ---- data: the synthetic default is converted on first use (rank 0), then every rank opens its shard
     data = prepare_data(cfg, run, log=view.message)

@@ -13,6 +13,7 @@ generated from the `synthetic` keyword arguments). Backends are imported on firs
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -79,6 +80,19 @@ def open_split(source: str, path: str | None, split: str, synthetic: dict | None
     return SplitImages(files, None, labels, list(src.class_names))
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask, which cgroups, SLURM and taskset narrow."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # platforms without affinity masks
+        return os.cpu_count() or 1
+
+
+def fit_workers(workers: int) -> int:
+    """`workers` capped at the usable cores: FFCV's numba threads cannot exceed them, and more only contend."""
+    return min(workers, usable_cores())
+
+
 def _backend(backend: str, kind: int) -> Any:
     if backend not in BACKENDS:
         raise choice_error("loader backend", backend, BACKENDS)
@@ -100,7 +114,8 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
         raise UserError(f"batch_size_per_rank must be >= 1, got {batch_size_per_rank}")
     views = resolve(recipe, resolution)
     common = dict(resolution=resolution, batch_size_per_rank=batch_size_per_rank, views=views, rank=rank,
-                  world_size=world_size, seed=seed, workers=workers, device=torch.device(device), dtype=dtype,
+                  world_size=world_size, seed=seed, workers=fit_workers(workers), device=torch.device(device),
+                  dtype=dtype,
                   channels_last=channels_last, drop_last=drop_last, batches_ahead=batches_ahead)
     if backend == "ffcv":
         loader = cls(path, os_cache=os_cache, **common)
@@ -125,7 +140,8 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
     """
     cls = _backend(backend, 1)
     common = dict(resolution=resolution, batch_size_per_rank=batch_size_per_rank, train_aug=train_aug, rank=rank,
-                  world_size=world_size, workers=workers, device=torch.device(device), seed=seed, mean=mean,
+                  world_size=world_size, workers=fit_workers(workers), device=torch.device(device), seed=seed,
+                  mean=mean,
                   std=std, dtype=dtype, channels_last=channels_last, batches_ahead=batches_ahead,
                   small=resolution <= SMALL_IMAGE_MAX)
     if backend == "ffcv":
@@ -133,4 +149,5 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
     return cls(open_split(source, path, split, synthetic), **common)
 
 
-__all__ = ["BACKENDS", "SplitImages", "TwoViewLoader", "build_eval_loader", "build_two_view_loader", "open_split"]
+__all__ = ["BACKENDS", "SplitImages", "TwoViewLoader", "build_eval_loader", "build_two_view_loader", "fit_workers",
+           "open_split", "usable_cores"]
