@@ -224,6 +224,10 @@ def train(cfg: Config, run: launch.Launch) -> int:
         close = getattr(batches, "close", None)
         if close is not None:  # an epoch left early (max_steps, signal, non-finite): stop the loader's threads
             close()
+        if bad := getattr(train_loader, "bad_files", None):  # dali / torchvision skip unreadable files
+            listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:20])
+            view.message(f"epoch {epoch + 1}: skipped {len(bad)} unreadable image(s): {listed}"
+                         + (f"; and {len(bad) - 20} more" if len(bad) > 20 else ""))
         skip_batches = 0
         if reason == "nonfinite":
             break

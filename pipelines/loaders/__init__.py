@@ -106,9 +106,12 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
                           batch_size_per_rank: int, recipe: str | tuple[AugSpec, AugSpec], rank: int,
                           world_size: int, seed: int, workers: int, device: torch.device,
                           dtype: torch.dtype = torch.float32, channels_last: bool = True, drop_last: bool = True,
-                          os_cache: bool = True, batches_ahead: int = 2,
-                          synthetic: dict | None = None) -> TwoViewLoader:
-    """A loader of `TwoViewBatch`es for this rank's shard; see the module docstring."""
+                          os_cache: bool = True, batches_ahead: int = 2, synthetic: dict | None = None,
+                          max_bad_fraction: float = 0.01) -> TwoViewLoader:
+    """A loader of `TwoViewBatch`es for this rank's shard; see the module docstring.
+
+    dali / torchvision skip unreadable files and stop past `max_bad_fraction` of an epoch (`bad_files` lists them).
+    """
     cls = _backend(backend, 0)
     if batch_size_per_rank < 1:
         raise UserError(f"batch_size_per_rank must be >= 1, got {batch_size_per_rank}")
@@ -120,7 +123,7 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
     if backend == "ffcv":
         loader = cls(path, os_cache=os_cache, **common)
     else:
-        loader = cls(open_split(source, path, split, synthetic), **common)
+        loader = cls(open_split(source, path, split, synthetic), max_bad_fraction=max_bad_fraction, **common)
     if len(loader) == 0:
         raise UserError(f"batch_size_per_rank={batch_size_per_rank} x world_size={world_size} exceeds the "
                         f"{source} {split} split: no full batch per epoch")
@@ -132,7 +135,7 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
                       device: torch.device, seed: int = 0, dtype: torch.dtype = torch.float32,
                       channels_last: bool = True, mean: tuple[float, float, float] = IMAGENET_MEAN,
                       std: tuple[float, float, float] = IMAGENET_STD, os_cache: bool = True, batches_ahead: int = 2,
-                      synthetic: dict | None = None) -> Any:
+                      synthetic: dict | None = None, max_bad_fraction: float = 0.01) -> Any:
     """Single-view (images, labels) batches, no drop_last: RRC + flip if `train_aug`, else (resize +) centre crop.
 
     With world_size > 1 the last shard is padded by wrapping (DistributedSampler semantics); gather with the
@@ -146,7 +149,7 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
                   small=resolution <= SMALL_IMAGE_MAX)
     if backend == "ffcv":
         return cls(path, os_cache=os_cache, **common)
-    return cls(open_split(source, path, split, synthetic), **common)
+    return cls(open_split(source, path, split, synthetic), max_bad_fraction=max_bad_fraction, **common)
 
 
 __all__ = ["BACKENDS", "SplitImages", "TwoViewLoader", "build_eval_loader", "build_two_view_loader", "fit_workers",
