@@ -80,7 +80,8 @@ def train(cfg: Config, run: launch.Launch) -> int:
     device = run.device
     run_dir = Path(cfg.run.out_dir or f"runs/{cfg.preset or 'custom'}")
     ckpt_dir = run_dir / "checkpoints"
-    if run.is_main:
+    if run.is_main:  # a folder that cannot be written is one line now, not a traceback at the first checkpoint
+        launch.check_writable_dir(run_dir, "run.out_dir")
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
@@ -119,7 +120,8 @@ def train(cfg: Config, run: launch.Launch) -> int:
     resume_path = ckpt_io.find_resume(cfg.run.resume, ckpt_dir)
     if resume_path is not None:
         state = ckpt_io.load_checkpoint(resume_path, map_location=device)
-        method.load_state_dict(state["method"])
+        ckpt_io.load_method_state(method, state, resume_path,
+                                  f"{cfg.method.name}/{cfg.method.branch} {cfg.method.arch}")
         optimizer.load_state_dict(state["optimizer"])
         epoch, step, skip_batches = state["epoch"], state["step"], state["step_in_epoch"]
         ckpt_io.set_rng_state(state["rng"][min(run.rank, len(state["rng"]) - 1)], mask_gen)

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,24 @@ def init(requested_device: str) -> Launch:
     elif device.type == "cuda":
         torch.cuda.set_device(device)
     return Launch(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    """Create folder `path` and prove a file can be written there, before any work; one UserError line otherwise."""
+    path = Path(path)
+    for above in (path, *path.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise UserError(f"{what}={path} lies under {above}, which is a file; choose another folder")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{what}={path} is not writable ({err.strerror}); choose a folder you can write to") from None
+    return path
 
 
 def worker_note(workers: int) -> str | None:
