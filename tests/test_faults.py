@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -223,3 +224,21 @@ def test_train_goes_on_past_an_unreadable_jpeg_and_logs_it(repo_root, tmp_path):
                              cwd=repo_root, capture_output=True, text=True, env=ENV, timeout=300)
     assert stopped.returncode == 2 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
     assert stopped.stderr.strip().splitlines()[-1].startswith("error: 1 unreadable image(s) in epoch 1")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoints_and_exports_follow_the_users_umask(repo_root, tmp_path, umask):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--preset", "demo", "data.resolution=16", "data.batch_size=8",
+           "data.workers=0", "data.backend=torchvision", "data.synthetic_images=16", "data.synthetic_val_images=16",
+           "method.cifar_stem=false", "method.queue_size=16", "mask.grid_size=4", "run.progress=false",
+           "run.tensorboard=false", "run.epochs=1", "run.max_steps=1", "run.knn_every=0", f"run.out_dir={out}"]
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, env=ENV, timeout=300,
+                          preexec_fn=lambda: os.umask(umask))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export = subprocess.run([sys.executable, "-m", "mixmask.export", str(out / "checkpoints" / "last.pt"),
+                             "--detectron2", str(out / "d2.pkl")], cwd=repo_root, capture_output=True, text=True,
+                            env=ENV, timeout=120, preexec_fn=lambda: os.umask(umask))
+    assert export.returncode == 0, export.stderr[-2000:]
+    for name in ("checkpoints/last.pt", "backbone.pt", "d2.pkl"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
