@@ -228,6 +228,13 @@ def _check_args(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
+    if args.mode == "loader":
+        from mixmask.launch import worker_note
+        from pipelines.loaders import fit_workers
+
+        if note := worker_note(args.workers):  # the rows must show the count that ran, not the one asked for
+            print(note.replace("data.workers", "--workers"), file=sys.stderr)
+            args.workers = fit_workers(args.workers)
     device = pick_device(args.device, 0)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -56,10 +56,11 @@ def first_readable(files: list[str], index: int, read: Callable[[str], T]) -> tu
 
 
 def encoded_bytes(path: str):
-    """The file's bytes (numpy uint8) once a header parse and, for JPEG, the end-of-image marker look sound.
+    """The file's bytes (numpy uint8, read-only) once its start and end look like a whole image.
 
-    A cheap check for decoders that cannot name a failing file (DALI): random bytes, empty and truncated JPEGs
-    are caught here without decoding; CorruptImageError otherwise.
+    A cheap check for decoders that cannot name a failing file (DALI): empty files, random bytes and truncated
+    JPEG / PNG files are caught here without decoding; CorruptImageError otherwise. A file damaged inside is
+    left to the decoder.
     """
     import numpy as np
     from PIL import Image, UnidentifiedImageError
@@ -67,15 +68,24 @@ def encoded_bytes(path: str):
     from pipelines.sources import CorruptImageError
 
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise CorruptImageError(path, "missing file") from None
-    if data.size == 0:
+    if not raw:
         raise CorruptImageError(path, "empty file")
-    raw = data.tobytes()
-    try:
+    # JPEG and PNG by their first and last bytes (a few microseconds); other formats by PIL's header parse.
+    if raw[:3] == b"\xff\xd8\xff":
+        if b"\xff\xd9" not in raw[-1024:]:
+            raise CorruptImageError(path, "truncated (JPEG without its end-of-image marker)")
+        return np.frombuffer(raw, dtype=np.uint8)
+    if raw[:8] == b"\x89PNG\r\n\x1a\n":
+        if b"IEND" not in raw[-64:]:
+            raise CorruptImageError(path, "truncated (PNG without its end chunk)")
+        return np.frombuffer(raw, dtype=np.uint8)
+    try:  # BytesIO over bytes shares them (no copy); PIL reads the header only
         with Image.open(io.BytesIO(raw)) as im:
-            fmt, (w, h) = im.format, im.size
+            w, h = im.size
     except UnidentifiedImageError:
         raise CorruptImageError(path, "not an image") from None
     except (OSError, ValueError, SyntaxError) as err:  # worded as `pipelines.sources.decode_file` does
@@ -84,6 +94,4 @@ def encoded_bytes(path: str):
         raise CorruptImageError(path, f"{kind} ({detail})") from None
     if w < 1 or h < 1:
         raise CorruptImageError(path, f"unsupported size {w}x{h}")
-    if fmt == "JPEG" and b"\xff\xd9" not in raw[-1024:]:
-        raise CorruptImageError(path, "truncated (JPEG without its end-of-image marker)")
-    return data
+    return np.frombuffer(raw, dtype=np.uint8)

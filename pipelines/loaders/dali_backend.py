@@ -30,6 +30,7 @@ from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.tensors import TensorListGPU
 
+from mixmask.errors import UserError
 from mixmask.types import TwoViewBatch
 from pipelines.augment import AugSpec
 from pipelines.loaders import SplitImages
@@ -194,10 +195,14 @@ class _DALIBase:
             for _ in range(self.steps):
                 try:
                     outputs = pipe.run()
-                except Exception:
+                except Exception as err:
                     if source.error is not None:  # our one-line error, not DALI's wrapper around it
                         raise source.error from None
-                    raise
+                    if self.split.files is None:
+                        raise
+                    raise UserError(f"DALI could not decode an image of epoch {self.epoch + 1} "
+                                    f"({(str(err).strip().splitlines() or ['?'])[0][:200]}); list the damaged "
+                                    "files with python -m pipelines.convert imagefolder ... and remove them") from None
                 yield [_to_torch(out, self.device) for out in outputs]
         finally:
             del pipe
