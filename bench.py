@@ -186,9 +186,59 @@ def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict],
     return [m.row(data_wait=wait_share, backend=cfg.data.backend, preset=cfg.preset)], to_dict(cfg)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every number and name the mode uses, checked before any work (one line each, via UserError)."""
+    from mixmask.config import BACKENDS, BRANCHES, METHOD_NAMES
+    from mixmask.errors import choice_error
+
+    def at_least(flag: str, values, low: int) -> None:
+        for v in values if isinstance(values, list) else [values]:
+            if v < low:
+                raise UserError(f"{flag} {v} is not valid: it must be at least {low}")
+
+    at_least("--warmup", args.warmup, 0)
+    at_least("--repeats", args.repeats, 1)
+    at_least("--threads", args.threads, 0)
+    if args.mode == "masks":
+        at_least("--batch-sizes", args.batch_sizes, 1)
+        at_least("--resolutions", args.resolutions, 1)
+        at_least("--grids", args.grids, 1)
+        for res in args.resolutions:
+            for grid in args.grids:
+                if grid > res:
+                    raise UserError(f"--grids {grid} is finer than --resolutions {res}: a grid cell needs a pixel")
+    if args.mode == "step":
+        for name in args.methods:
+            if name not in METHOD_NAMES:
+                raise choice_error("method (--methods)", name, METHOD_NAMES)
+        for name in args.branches:
+            if name not in BRANCHES:
+                raise choice_error("branch (--branches)", name, BRANCHES)
+        if args.arch not in ("resnet18", "resnet50"):
+            raise choice_error("architecture (--arch)", args.arch, ("resnet18", "resnet50"))
+        at_least("--resolution", args.resolution, 8)
+        at_least("--batch-size", args.batch_size, 2)
+    if args.mode == "loader":
+        for name in args.backend:
+            if name not in BACKENDS:
+                raise choice_error("loader backend (--backend)", name, BACKENDS)
+        at_least("--resolution", args.resolution, 8)
+        at_least("--batch-size", args.batch_size, 1)
+        at_least("--workers", args.workers, 0)
+        at_least("--batches", args.batches, 1)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _check_args(args)
+    if args.mode == "loader":
+        from mixmask.launch import worker_note
+        from pipelines.loaders import fit_workers
+
+        if note := worker_note(args.workers):  # the rows must show the count that ran, not the one asked for
+            print(note.replace("data.workers", "--workers"), file=sys.stderr)
+            args.workers = fit_workers(args.workers)
     device = pick_device(args.device, 0)
     if device.type == "cuda":
         # As train.py does (mixmask.launch): FFCV's current stream and numba's context follow the current device.

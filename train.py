@@ -80,7 +80,8 @@ def train(cfg: Config, run: launch.Launch) -> int:
     device = run.device
     run_dir = Path(cfg.run.out_dir or f"runs/{cfg.preset or 'custom'}")
     ckpt_dir = run_dir / "checkpoints"
-    if run.is_main:
+    if run.is_main:  # a folder that cannot be written is one line now, not a traceback at the first checkpoint
+        launch.check_writable_dir(run_dir, "run.out_dir")
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
@@ -88,6 +89,8 @@ def train(cfg: Config, run: launch.Launch) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     view = ProgressView(0, is_main=run.is_main, show_steps=False)
+    if note := launch.worker_note(cfg.data.workers):
+        view.message(note)
 
     # ---- data: the synthetic default is converted on first use (rank 0), then every rank opens its shard
     data = prepare_data(cfg, run, log=view.message)
@@ -119,8 +122,9 @@ def train(cfg: Config, run: launch.Launch) -> int:
     epoch, step, skip_batches = 0, 0, 0
     resume_path = ckpt_io.find_resume(cfg.run.resume, ckpt_dir)
     if resume_path is not None:
-        epoch, step, skip_batches = ckpt_io.resume_from(resume_path, method=method, optimizer=optimizer,
-                                                        mask_generator=mask_gen, rank=run.rank)
+        epoch, step, skip_batches = ckpt_io.resume_from(
+            resume_path, method=method, optimizer=optimizer, mask_generator=mask_gen, rank=run.rank,
+            model=f"{cfg.method.name}/{cfg.method.branch} {cfg.method.arch}")
         if epoch >= cfg.run.epochs:
             view.message(f"{resume_path} has finished all {cfg.run.epochs} epochs: nothing to train, writing the "
                          "outputs again (raise run.epochs to train on)")
@@ -222,6 +226,10 @@ def train(cfg: Config, run: launch.Launch) -> int:
         close = getattr(batches, "close", None)
         if close is not None:  # an epoch left early (max_steps, signal, non-finite): stop the loader's threads
             close()
+        if bad := getattr(train_loader, "bad_files", None):  # dali / torchvision skip unreadable files
+            listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:20])
+            view.message(f"epoch {epoch + 1}: skipped {len(bad)} unreadable image(s): {listed}"
+                         + (f"; and {len(bad) - 20} more" if len(bad) > 20 else ""))
         skip_batches = 0
         if reason == "nonfinite":
             break

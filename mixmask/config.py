@@ -40,7 +40,9 @@ class DataConfig:
     backend: str = opt("ffcv", "loader backend", choices=BACKENDS)
     resolution: int = opt(32, "training crop size in pixels", ge=8)
     batch_size: int = opt(512, "global batch size (all ranks together)", ge=2)
-    workers: int = opt(8, "loader worker threads/processes per rank", ge=0)
+    workers: int = opt(8, "loader worker threads/processes per rank (lowered to the usable CPU cores)", ge=0)
+    max_bad_fraction: float = opt(0.01, "dali/torchvision: share of an epoch's images that may be unreadable "
+                                  "(skipped and listed) before the run stops", ge=0.0, le=1.0)
     os_cache: bool = opt(True, "ffcv: read the .beton through the OS page cache (else its own quasi-random cache)")
     batches_ahead: int = opt(2, "ffcv/dali: batches prepared ahead of the step", ge=1)
     shuffle_buffer: int = opt(4096, "webdataset shards: samples in each rank's shuffle buffer (0 = stored order)",

@@ -126,7 +126,8 @@ def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_p
     if cfg.aug.crop_min_scale is not None:
         views = tuple(replace(v, crop_scale=(cfg.aug.crop_min_scale, v.crop_scale[1])) for v in views)
     common = dict(source=cfg.data.source, resolution=cfg.data.resolution, rank=run.rank,
-                  world_size=run.world_size, workers=cfg.data.workers, device=run.device)
+                  world_size=run.world_size, workers=cfg.data.workers, device=run.device,
+                  max_bad_fraction=cfg.data.max_bad_fraction)
     if cfg.data.shard_url:  # webdataset shards whose tars live elsewhere (an object store)
         common["shard_url"] = cfg.data.shard_url
     train = build_two_view_loader(

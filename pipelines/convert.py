@@ -5,9 +5,12 @@ is skipped and listed. The writer runs on a temporary name beside the output, an
 the file is complete, so a failure leaves any earlier output untouched.
 
     python -m pipelines.convert SOURCE --root DIR --split SPLIT --out FILE.beton [--write-mode raw|jpg|smart]
-        [--max-resolution N] [--jpeg-quality Q] [--workers N]
+        [--max-resolution N] [--jpeg-quality Q] [--workers N] [--overwrite]
     python -m pipelines.convert synthetic --out FILE.beton [--num-images N --num-classes C --resolution R --seed S]
     python -m pipelines.convert SOURCE ... --format wds --out DIR [--shard-samples N]   (webdataset shards)
+
+An existing output is replaced only with `--overwrite`. SIGTERM or SIGINT stops the worker processes, removes the
+temporary file and exits non-zero with one line; a complete earlier output stays as it was.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -70,10 +74,12 @@ def _check_options(write_mode: str, max_resolution: int | None, jpeg_quality: in
     return workers if workers is not None else max(1, min(os.cpu_count() or 1, 16))
 
 
-def _check_out(out: Path) -> Path:
+def _check_out(out: Path, overwrite: bool) -> Path:
     out = Path(out).expanduser()
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'data.beton'}")
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} already exists; pass --overwrite to replace it, or choose another name")
     if not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
@@ -85,15 +91,17 @@ def convert(source: str, out: Path, *, root: str | Path | None = None, split: st
             write_mode: str = "raw", max_resolution: int | None = None, jpeg_quality: int = 90,
             workers: int | None = None, num_images: int = 2000, num_classes: int = 10, resolution: int = 32,
             seed: int = 0, progress: bool = False, out_format: str = "beton",
-            shard_samples: int = 10000) -> ConversionSummary:
+            shard_samples: int = 10000, overwrite: bool = True) -> ConversionSummary:
     """Convert split `split` of `source` to `out` (+ `out.json`); UserError when nothing can be converted.
 
-    With `out_format="wds"`, `out` is a folder (or `DIR/NAME-%06d.tar`) of webdataset shards (`pipelines.wds`).
+    With `out_format="wds"`, `out` is a folder (or `DIR/NAME-%06d.tar`) of webdataset shards (`pipelines.wds`); an
+    interrupted shard conversion is continued, not replaced. For a `.beton`, `overwrite=False` refuses an existing
+    `out` (the command line's default, `--overwrite` lifts it).
     """
     num_workers = _check_options(write_mode, max_resolution, jpeg_quality, workers)
     if out_format not in FORMATS:
         raise choice_error("format", out_format, FORMATS)
-    out = _check_out(out) if out_format == "beton" else out
+    out = _check_out(out, overwrite) if out_format == "beton" else out
     src = open_source(source, root, split, num_images=num_images, num_classes=num_classes,
                       resolution=resolution, seed=seed)
     layout = _shard_layout(out, src.split) if out_format == "wds" else None
@@ -174,6 +182,8 @@ def _convert_wds(src, good: np.ndarray, skipped: list[tuple[str, str]], layout, 
 def _write_sidecar(out: Path, src, good: np.ndarray, skipped: list[tuple[str, str]], seconds: float,
                    write_mode: str, max_resolution: int | None, jpeg_quality: int, workers: int) -> None:
     """Write `out.json`; called by the writer just before the `.beton` is renamed into place."""
+    if _STOPPED:  # a stop signal arrived and its exception got lost: the output must not appear
+        raise _Stopped(_STOPPED[0])
     import ffcv
 
     labels = np.fromiter((src.label(int(i)) for i in good), dtype=np.int64, count=len(good))
@@ -263,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="synthetic: seed (val uses its own stream); wds: the write-time shuffle")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return parser
 
 
@@ -273,6 +284,35 @@ class _OneLineParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+_STOPPED: list[int] = []  # signals received, in case the exception raised for one was swallowed on the way up
+
+
+class _Stopped(Exception):
+    """Raised in the converting process by SIGTERM / SIGINT, so every `finally` stops workers and removes files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM / SIGINT raise `_Stopped` here; forked workers, which inherit the handler, just die of the signal."""
+    owner = os.getpid()
+
+    def handle(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not interrupt the clean-up
+            signal.signal(sig, signal.SIG_IGN)
+        _STOPPED.append(signum)
+        raise _Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+
+
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -280,11 +320,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.source == "synthetic" and args.root:
         raise UserError("synthetic takes no --root; use --num-images, --num-classes, --resolution, --seed")
-    summary = convert(args.source, args.out, root=args.root, split=args.split, write_mode=args.write_mode,
-                      max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality, workers=args.workers,
-                      num_images=args.num_images, num_classes=args.num_classes, resolution=args.resolution,
-                      seed=args.seed, progress=not args.no_progress and sys.stderr.isatty(),
-                      out_format=args.format, shard_samples=args.shard_samples)
+    _stop_on_signals()
+    try:
+        summary = convert(args.source, args.out, root=args.root, split=args.split, write_mode=args.write_mode,
+                          max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality, workers=args.workers,
+                          num_images=args.num_images, num_classes=args.num_classes, resolution=args.resolution,
+                          seed=args.seed, progress=not args.no_progress and sys.stderr.isatty(),
+                          out_format=args.format, shard_samples=args.shard_samples, overwrite=args.overwrite)
+    except _Stopped as stop:
+        err = UserError(f"{stop} received: conversion stopped, workers ended and the temporary file removed; "
+                        f"{args.out} was not written (run the command again to convert)")
+        err.exit_code = 128 + stop.signum
+        raise err from None
     print_summary(summary)
     return 0
 

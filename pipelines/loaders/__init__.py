@@ -14,6 +14,7 @@ generated from the `synthetic` keyword arguments). Backends are imported on firs
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -81,6 +82,19 @@ def open_split(source: str, path: str | None, split: str, synthetic: dict | None
     return SplitImages(files, None, labels, list(src.class_names))
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask, which cgroups, SLURM and taskset narrow."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # platforms without affinity masks
+        return os.cpu_count() or 1
+
+
+def fit_workers(workers: int) -> int:
+    """`workers` capped at the usable cores: FFCV's numba threads cannot exceed them, and more only contend."""
+    return min(workers, usable_cores())
+
+
 def _backend(backend: str, kind: int) -> Any:
     if backend not in BACKENDS:
         raise choice_error("loader backend", backend, BACKENDS)
@@ -96,21 +110,25 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
                           dtype: torch.dtype = torch.float32, channels_last: bool = True, drop_last: bool = True,
                           os_cache: bool = True, batches_ahead: int = 2,
                           synthetic: dict | None = None, shuffle_buffer: int = 4096,
-                          shard_url: str = "") -> TwoViewLoader:
-    """A loader of `TwoViewBatch`es for this rank's shard; see the module docstring."""
+                          shard_url: str = "", max_bad_fraction: float = 0.01) -> TwoViewLoader:
+    """A loader of `TwoViewBatch`es for this rank's shard; see the module docstring.
+
+    dali / torchvision skip unreadable files and stop past `max_bad_fraction` of an epoch (`bad_files` lists them).
+    """
     cls = None if is_shard_path(path) else _backend(backend, 0)  # shards: the backend's shard reader
     if batch_size_per_rank < 1:
         raise UserError(f"batch_size_per_rank must be >= 1, got {batch_size_per_rank}")
     views = resolve(recipe, resolution)
     common = dict(resolution=resolution, batch_size_per_rank=batch_size_per_rank, views=views, rank=rank,
-                  world_size=world_size, seed=seed, workers=workers, device=torch.device(device), dtype=dtype,
+                  world_size=world_size, seed=seed, workers=fit_workers(workers), device=torch.device(device),
+                  dtype=dtype,
                   channels_last=channels_last, drop_last=drop_last, batches_ahead=batches_ahead)
     if is_shard_path(path):
         loader = build_shard_loader(backend, 0, path, split, shuffle_buffer, shard_url, **common)
     elif backend == "ffcv":
         loader = cls(path, os_cache=os_cache, **common)
     else:
-        loader = cls(open_split(source, path, split, synthetic), **common)
+        loader = cls(open_split(source, path, split, synthetic), max_bad_fraction=max_bad_fraction, **common)
     if len(loader) == 0:
         raise UserError(f"batch_size_per_rank={batch_size_per_rank} x world_size={world_size} exceeds the "
                         f"{source} {split} split: no full batch per epoch")
@@ -122,7 +140,8 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
                       device: torch.device, seed: int = 0, dtype: torch.dtype = torch.float32,
                       channels_last: bool = True, mean: tuple[float, float, float] = IMAGENET_MEAN,
                       std: tuple[float, float, float] = IMAGENET_STD, os_cache: bool = True, batches_ahead: int = 2,
-                      synthetic: dict | None = None, shuffle_buffer: int = 4096, shard_url: str = "") -> Any:
+                      synthetic: dict | None = None, shuffle_buffer: int = 4096, shard_url: str = "",
+                      max_bad_fraction: float = 0.01) -> Any:
     """Single-view (images, labels) batches, no drop_last: RRC + flip if `train_aug`, else (resize +) centre crop.
 
     With world_size > 1 the last shard is padded by wrapping (DistributedSampler semantics); gather with the
@@ -130,14 +149,16 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
     """
     cls = None if is_shard_path(path) else _backend(backend, 1)
     common = dict(resolution=resolution, batch_size_per_rank=batch_size_per_rank, train_aug=train_aug, rank=rank,
-                  world_size=world_size, workers=workers, device=torch.device(device), seed=seed, mean=mean,
+                  world_size=world_size, workers=fit_workers(workers), device=torch.device(device), seed=seed,
+                  mean=mean,
                   std=std, dtype=dtype, channels_last=channels_last, batches_ahead=batches_ahead,
                   small=resolution <= SMALL_IMAGE_MAX)
     if is_shard_path(path):
         return build_shard_loader(backend, 1, path, split, shuffle_buffer, shard_url, **common)
     if backend == "ffcv":
         return cls(path, os_cache=os_cache, **common)
-    return cls(open_split(source, path, split, synthetic), **common)
+    return cls(open_split(source, path, split, synthetic), max_bad_fraction=max_bad_fraction, **common)
 
 
-__all__ = ["BACKENDS", "SplitImages", "TwoViewLoader", "build_eval_loader", "build_two_view_loader", "open_split"]
+__all__ = ["BACKENDS", "SplitImages", "TwoViewLoader", "build_eval_loader", "build_two_view_loader", "fit_workers",
+           "open_split", "usable_cores"]
