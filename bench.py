@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("loader", help="two-view loader throughput per backend, vs the official torchvision recipe")
     common(p)
     p.add_argument("--backend", type=_strs, default=["ffcv", "dali", "torchvision"], help="comma-separated")
-    p.add_argument("--source", default="synthetic", help="synthetic | cifar100 | tinyimagenet | imagefolder")
+    p.add_argument("--source", default="synthetic",
+                   help="synthetic | cifar100 | tinyimagenet | imagefolder | wds (the images also as shards)")
     p.add_argument("--data", default=None, help=".beton (ffcv) or dataset root (dali/torchvision)")
     p.add_argument("--data-beton", default=None, help="the .beton of the same data for ffcv when --data is a folder")
     p.add_argument("--resolution", type=int, default=64)
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="mocov2")
     p.add_argument("--batches", type=int, default=10, help="batches per timed repeat")
     p.add_argument("--num-images", type=int, default=1024, help="synthetic source: images generated")
+    p.add_argument("--shard-samples", type=int, default=1000, help="wds: samples per shard when writing them")
+    p.add_argument("--shuffle-buffer", type=int, default=4096, help="wds: the readers' shuffle buffer")
     p.add_argument("--make-photos", type=int, default=0, metavar="N",
                    help="imagefolder source: first write N ~500x375 JPEGs from scikit-image's photographs to --data")
 
@@ -143,7 +146,8 @@ def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict],
     operator = build_operator(cfg)
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
-    opt = build_optimizer(cfg.optim.name, method, lr=comp["lr"], weight_decay=cfg.optim.weight_decay)
+    opt = build_optimizer(cfg.optim.name, method, lr=comp["lr"], weight_decay=cfg.optim.weight_decay,
+                          decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
 
     def batches():
         epoch = 0
@@ -182,10 +186,63 @@ def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict],
     return [m.row(data_wait=wait_share, backend=cfg.data.backend, preset=cfg.preset)], to_dict(cfg)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every number and name the mode uses, checked before any work (one line each, via UserError)."""
+    from mixmask.config import BACKENDS, BRANCHES, METHOD_NAMES
+    from mixmask.errors import choice_error
+
+    def at_least(flag: str, values, low: int) -> None:
+        for v in values if isinstance(values, list) else [values]:
+            if v < low:
+                raise UserError(f"{flag} {v} is not valid: it must be at least {low}")
+
+    at_least("--warmup", args.warmup, 0)
+    at_least("--repeats", args.repeats, 1)
+    at_least("--threads", args.threads, 0)
+    if args.mode == "masks":
+        at_least("--batch-sizes", args.batch_sizes, 1)
+        at_least("--resolutions", args.resolutions, 1)
+        at_least("--grids", args.grids, 1)
+        for res in args.resolutions:
+            for grid in args.grids:
+                if grid > res:
+                    raise UserError(f"--grids {grid} is finer than --resolutions {res}: a grid cell needs a pixel")
+    if args.mode == "step":
+        for name in args.methods:
+            if name not in METHOD_NAMES:
+                raise choice_error("method (--methods)", name, METHOD_NAMES)
+        for name in args.branches:
+            if name not in BRANCHES:
+                raise choice_error("branch (--branches)", name, BRANCHES)
+        if args.arch not in ("resnet18", "resnet50"):
+            raise choice_error("architecture (--arch)", args.arch, ("resnet18", "resnet50"))
+        at_least("--resolution", args.resolution, 8)
+        at_least("--batch-size", args.batch_size, 2)
+    if args.mode == "loader":
+        for name in args.backend:
+            if name not in BACKENDS:
+                raise choice_error("loader backend (--backend)", name, BACKENDS)
+        at_least("--resolution", args.resolution, 8)
+        at_least("--batch-size", args.batch_size, 1)
+        at_least("--workers", args.workers, 0)
+        at_least("--batches", args.batches, 1)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _check_args(args)
+    if args.mode == "loader":
+        from mixmask.launch import worker_note
+        from pipelines.loaders import fit_workers
+
+        if note := worker_note(args.workers):  # the rows must show the count that ran, not the one asked for
+            print(note.replace("data.workers", "--workers"), file=sys.stderr)
+            args.workers = fit_workers(args.workers)
     device = pick_device(args.device, 0)
+    if device.type == "cuda":
+        # As train.py does (mixmask.launch): FFCV's current stream and numba's context follow the current device.
+        torch.cuda.set_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 160)
@@ -212,15 +269,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.make_photos:
             from mixmask.benchmarking.photos import make_photo_folder
 
-            if args.source != "imagefolder" or not args.data:
+            if args.source not in ("imagefolder", "wds") or not args.data:
                 raise UserError("--make-photos needs --source imagefolder and --data DIR")
             make_photo_folder(args.data, args.make_photos)
-        if args.source != "synthetic" and not args.data:
+        if args.source not in ("synthetic", "wds") and not args.data:
             raise UserError(f"--source {args.source} needs --data (a dataset root; ffcv also --data-beton)")
         synthetic = None
-        if args.source == "synthetic":
+        if args.source in ("synthetic", "wds") and not args.data:
             synthetic = dict(num_images=args.num_images, num_classes=10, resolution=args.resolution, seed=0)
-        for backend in args.backend:
+        if args.source == "wds":
+            from mixmask.benchmarking.loader_wds import wds_runs
+
+            for r in wds_runs(args.backend, data=args.data, data_beton=args.data_beton, synthetic=synthetic,
+                              shard_samples=args.shard_samples,
+                              beton_of=lambda src, x: _synthetic_beton(x) if src == "synthetic" else _folder_beton(
+                                  src, x)):
+                rows += run_loader_bench(r.backend, source=r.source, path=r.path, resolution=args.resolution,
+                                         batch_size=args.batch_size, workers=args.workers, recipe=args.recipe,
+                                         device=device, warmup_batches=args.warmup, batches=args.batches,
+                                         repeats=args.repeats, synthetic=r.synthetic, storage=r.storage,
+                                         shuffle_buffer=args.shuffle_buffer)
+        for backend in args.backend if args.source != "wds" else []:
             path = args.data_beton if backend == "ffcv" and args.data_beton else args.data
             if backend == "ffcv" and synthetic is not None and path is None:
                 path = str(_synthetic_beton(synthetic))

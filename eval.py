@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return report(args)
     ckpt_path = find_checkpoint(args.checkpoint)
+    # The result's folder is checked before any work, not after minutes of evaluation.
+    launch.check_writable_dir((args.out or run_dir_of(ckpt_path) / "eval.json").parent, "--out")
     ckpt = load_checkpoint(ckpt_path)
     if not isinstance(ckpt["config"], dict):
         raise UserError(f"{ckpt_path} has no stored config dict; it was not written by train.py")

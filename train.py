@@ -81,7 +81,8 @@ def train(cfg: Config, run: launch.Launch) -> int:
     device = run.device
     run_dir = Path(cfg.run.out_dir or f"runs/{cfg.preset or 'custom'}")
     ckpt_dir = run_dir / "checkpoints"
-    if run.is_main:
+    if run.is_main:  # a folder that cannot be written is one line now, not a traceback at the first checkpoint
+        launch.check_writable_dir(run_dir, "run.out_dir")
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
@@ -93,11 +94,13 @@ def train(cfg: Config, run: launch.Launch) -> int:
     _run_lock = rundir.lock_run_dir(run_dir, pid=os.getpid(), is_main=run.is_main, distributed=run.distributed)
     rundir.refuse_fresh_start_over(ckpt_dir, cfg.run.resume)
     resume_path = ckpt_io.find_resume(cfg.run.resume, ckpt_dir)
-    state = ckpt_io.load_checkpoint(resume_path, map_location=device) if resume_path is not None else None
-    if state is not None:
-        for note in rundir.check_resume_config(state["config"], _config_dict(cfg), checkpoint=resume_path,
+    if resume_path is not None:  # checked before any work; the weights are restored once the method exists
+        stored = ckpt_io.load_checkpoint(resume_path, map_location="cpu")["config"]
+        for note in rundir.check_resume_config(stored, _config_dict(cfg), checkpoint=resume_path,
                                                allow_change=cfg.run.allow_config_change):
             view.message(note)
+    if note := launch.worker_note(cfg.data.workers):
+        view.message(note)
 
     # ---- data: the synthetic default is converted on first use (rank 0), then every rank opens its shard
     data = prepare_data(cfg, run, log=view.message)
@@ -111,7 +114,10 @@ def train(cfg: Config, run: launch.Launch) -> int:
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
 
     # ---- method, operator, optimizer
-    method = build_method_from_config(cfg, data.num_classes).to(device)
+    method = build_method_from_config(cfg, data.num_classes, world_size=run.world_size).to(device)
+    if cfg.method.bn_splits > 1 and run.distributed:
+        view.message(f"method.bn_splits={cfg.method.bn_splits} is for one process; with {run.world_size} processes "
+                     "each rank's BatchNorm is a split and shuffle-BN applies")
     if cfg.method.sync_bn and run.distributed:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if cfg.run.channels_last:
@@ -120,21 +126,19 @@ def train(cfg: Config, run: launch.Launch) -> int:
     mask_gen = torch.Generator(device=device)
     mask_gen.manual_seed(cfg.run.seed * 1000 + run.rank)
     optimizer = build_optimizer(cfg.optim.name, method, lr=comp["lr"], weight_decay=cfg.optim.weight_decay,
-                                momentum=cfg.optim.momentum)
+                                momentum=cfg.optim.momentum, decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
 
     # ---- resume (weights, queue, optimizer, schedule position, RNG states)
     epoch, step, skip_batches = 0, 0, 0
-    if state is not None:
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step, skip_batches = state["epoch"], state["step"], state["step_in_epoch"]
-        ckpt_io.set_rng_state(state["rng"][min(run.rank, len(state["rng"]) - 1)], mask_gen)
+    if resume_path is not None:
+        epoch, step, skip_batches = ckpt_io.resume_from(
+            resume_path, method=method, optimizer=optimizer, mask_generator=mask_gen, rank=run.rank,
+            model=f"{cfg.method.name}/{cfg.method.branch} {cfg.method.arch}")
         if epoch >= cfg.run.epochs:
             view.message(f"{resume_path} has finished all {cfg.run.epochs} epochs: nothing to train, writing the "
                          "outputs again (raise run.epochs to train on)")
         else:
             view.message(f"resumed from {resume_path} at epoch {epoch + 1}, step {step}")
-    del state
     if run.is_main:
         # Records a killed run wrote past its checkpoint are logged again from here: keep one history.
         dropped = drop_records_after(run_dir / "metrics.jsonl", step)
@@ -236,6 +240,10 @@ def train(cfg: Config, run: launch.Launch) -> int:
         close = getattr(batches, "close", None)
         if close is not None:  # an epoch left early (max_steps, signal, non-finite): stop the loader's threads
             close()
+        if bad := getattr(train_loader, "bad_files", None):  # dali / torchvision skip unreadable files
+            listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:20])
+            view.message(f"epoch {epoch + 1}: skipped {len(bad)} unreadable image(s): {listed}"
+                         + (f"; and {len(bad) - 20} more" if len(bad) > 20 else ""))
         skip_batches = 0
         if reason == "nonfinite":
             break

@@ -1,7 +1,9 @@
-"""Torchvision ResNet backbones without their classifier, with the CIFAR stem option for 32 and 64 px images."""
+"""Torchvision ResNet backbones without their classifier, the CIFAR stem option for 32 and 64 px images, and split
+BatchNorm (the MoCo CIFAR recipe on one GPU)."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torchvision
 
@@ -37,3 +39,78 @@ def build_backbone(arch: str, *, cifar_stem: bool, zero_init_residual: bool = Fa
     if cifar_stem:
         cifar_stem_(model)
     return model, feature_dim
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training, normalises each of `num_splits` equal chunks of the batch with its own
+    statistics, as `num_splits` devices would; eval uses the running statistics like BatchNorm2d.
+
+    The MoCo CIFAR recipe (the MoCo authors' CIFAR demo, and the Un-Mix CIFAR code the MixMask paper builds on,
+    `--bn-splits 8`): on one GPU it gives shuffle-BN something to shuffle. The running statistics move as if every
+    chunk updated its own copy and the copies were averaged (the demo's rule): mean ← (1 − m)·mean + m·avg_s μ_s,
+    var ← (1 − m)·var + m·avg_s σ²_s with σ²_s unbiased. Parameters and buffers are BatchNorm2d's, so state dicts
+    are interchangeable. Written with reductions over a (S, B/S, C, H, W) view, so any memory format (channels_last
+    included) and torch.compile work.
+
+    Shape:
+        input: (B, C, H, W) with B divisible by `num_splits`
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        self.num_splits = num_splits
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_splits == 1 or not (self.training or not self.track_running_stats):
+            return super().forward(x)
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if n % s:
+            raise ValueError(f"split BatchNorm: batch {n} is not divisible by num_splits={s}")
+        # (S, B/S, C, H, W): splitting dim 0 is a view in every memory format. Statistics in fp32 under autocast.
+        xs = x.float().view(s, n // s, c, h, w)
+        var, mean = torch.var_mean(xs, dim=(1, 3, 4), correction=0, keepdim=True)  # (S, 1, C, 1, 1)
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale = scale * self.weight.view(1, 1, c, 1, 1)
+            shift = shift * self.weight.view(1, 1, c, 1, 1) + self.bias.view(1, 1, c, 1, 1)
+        out = (xs * scale + shift).to(x.dtype).reshape(n, c, h, w)
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (1.0 / self.num_batches_tracked.item() if self.momentum is None  # cumulative average
+                          else self.momentum)
+                count = (n // s) * h * w
+                self.running_mean.lerp_(mean.view(s, c).mean(0), factor)
+                self.running_var.lerp_(var.view(s, c).mean(0) * (count / max(count - 1, 1)), factor)
+        return out
+
+
+def split_batchnorm_(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every plain BatchNorm2d in `module` by a SplitBatchNorm2d with the same parameters and buffers.
+
+    In place (returns `module`); key names are unchanged, so the state dict still loads into torchvision's ResNet.
+    `num_splits=1` leaves the module as it is.
+    """
+    if num_splits == 1:
+        return module
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            split = SplitBatchNorm2d(child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
+                                     affine=child.affine, track_running_stats=child.track_running_stats,
+                                     device=child.weight.device if child.affine else None)
+            split.load_state_dict(child.state_dict())
+            split.train(child.training)
+            if child.affine:
+                split.weight.requires_grad_(child.weight.requires_grad)
+                split.bias.requires_grad_(child.bias.requires_grad)
+            setattr(module, name, split)
+        else:
+            split_batchnorm_(child, num_splits)
+    return module

@@ -33,6 +33,7 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: teammates could not read the run
         os.replace(tmp, path)
         # fsync the directory so the rename itself survives a power loss.
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -46,8 +47,42 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask can only set it, which races with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def load_method_state(method: torch.nn.Module, ckpt: dict, path: str | Path, model: str) -> None:
+    """Load a checkpoint's method weights into `method` (this run's `model`); UserError naming both models when the
+    checkpoint was trained as another architecture or method, instead of load_state_dict's key dump."""
+    expected, stored = method.state_dict(), ckpt["method"]
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    reshaped = [k for k in expected if k in stored and tuple(expected[k].shape) != tuple(stored[k].shape)]
+    if missing or unexpected or reshaped:
+        m = ckpt.get("config", {}).get("method", {}) if isinstance(ckpt.get("config"), dict) else {}
+        was = f"{m.get('name')}/{m.get('branch')} {m.get('arch')}" if m else "another model"
+        example = (reshaped or missing or unexpected)[0]
+        raise UserError(f"{path} holds a {was}, not this run's {model} ({len(reshaped)} weights shaped "
+                        f"differently, {len(missing)} missing, {len(unexpected)} unexpected, e.g. {example!r}); "
+                        "resume with the config it was trained with, or start fresh with run.resume=none")
+    method.load_state_dict(stored)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by `save_atomic`; UserError (one line) when missing, truncated or not ours."""
+    """Load a checkpoint written by `save_atomic`; UserError (one line) when missing, truncated or not ours.
+
+    Keep the default CPU location for a resume (see `resume_from`): RNG states must stay CPU ByteTensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
@@ -59,6 +94,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or "method" not in ckpt or "config" not in ckpt:
         raise UserError(f"{str(path)!r} is not a training checkpoint of this project (no 'method'/'config' entries)")
     return ckpt
+
+
+def resume_from(path: str | Path, *, method: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                mask_generator: torch.Generator | None, rank: int, model: str = "model") -> tuple[int, int, int]:
+    """Restore weights, queue, optimizer and this rank's RNG streams from `path`; return (epoch, step, step_in_epoch).
+
+    The file is read onto the CPU whatever the training device: `load_state_dict` copies the weights onto the
+    module's device and casts the optimizer state to its parameters' device, except `step`, which stays where the
+    optimizer keeps it (a CPU scalar unless capturable or fused: on the GPU its `.item()` would sync every step),
+    and the RNG states must be CPU ByteTensors for `torch.set_rng_state` / `Generator.set_state`. `model` names
+    this run's method for the one-line error when the checkpoint holds another one.
+    """
+    state = load_checkpoint(path, map_location="cpu")
+    load_method_state(method, state, path, model)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)], mask_generator)
+    return state["epoch"], state["step"], state["step_in_epoch"]
 
 
 def rng_state(mask_generator: torch.Generator | None = None) -> dict:

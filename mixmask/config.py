@@ -16,7 +16,9 @@ from pipelines.sources import SOURCES
 BACKENDS = ("ffcv", "dali", "torchvision")
 METHOD_NAMES = ("moco", "simclr", "byol", "simsiam")
 BRANCHES = ("vanilla", "unmix", "mixmask", "mixmask-unmix", "erase")
-MASK_KINDS = ("block", "discrete")
+MASK_KINDS = ("block", "discrete", "discrete_exact")  # generators: mixmask.masks.MASK_GENERATORS
+MASK_SHARES = ("batch", "pair", "sample")
+PERMUTATIONS = ("reverse", "random")
 RECIPES = ("mocov1", "mocov2", "simclr", "byol")
 
 
@@ -32,14 +34,21 @@ def opt(default: Any, doc: str, *, choices: tuple | None = None, ge: float | Non
 @dataclass
 class DataConfig:
     source: str = opt("synthetic", "dataset source", choices=SOURCES)
-    path: str = opt("", "training data: .beton for ffcv, dataset root for dali/torchvision; '' = synthetic default")
+    path: str = opt("", "training data: .beton for ffcv, dataset root or webdataset shards (folder or brace "
+                    "pattern) for dali/torchvision; '' = synthetic default")
     val_path: str = opt("", "held-out split for the kNN monitor and eval; '' = derived from `path`")
     backend: str = opt("ffcv", "loader backend", choices=BACKENDS)
     resolution: int = opt(32, "training crop size in pixels", ge=8)
     batch_size: int = opt(512, "global batch size (all ranks together)", ge=2)
-    workers: int = opt(8, "loader worker threads/processes per rank", ge=0)
+    workers: int = opt(8, "loader worker threads/processes per rank (lowered to the usable CPU cores)", ge=0)
+    max_bad_fraction: float = opt(0.01, "dali/torchvision: share of an epoch's images that may be unreadable "
+                                  "(skipped and listed) before the run stops", ge=0.0, le=1.0)
     os_cache: bool = opt(True, "ffcv: read the .beton through the OS page cache (else its own quasi-random cache)")
     batches_ahead: int = opt(2, "ffcv/dali: batches prepared ahead of the step", ge=1)
+    shuffle_buffer: int = opt(4096, "webdataset shards: samples in each rank's shuffle buffer (0 = stored order)",
+                              ge=0)
+    shard_url: str = opt("", "webdataset shards: where dali reads the .tar files (e.g. s3://bucket/prefix); "
+                         "'' = beside the sidecar and .idx files in data.path")
     synthetic_images: int = opt(2000, "synthetic source: training images", ge=10)
     synthetic_val_images: int = opt(500, "synthetic source: held-out images", ge=10)
     synthetic_classes: int = opt(10, "synthetic source: classes", ge=2)
@@ -56,14 +65,18 @@ class AugConfig:
 
 @dataclass
 class MaskConfig:
-    kind: str = opt("block", "mask generator: BEiT blocked or independent cells", choices=MASK_KINDS)
+    kind: str = opt("block", "mask generator: BEiT blocked, discrete (official: each cell the partner's with "
+                    "probability ratio, all-own/all-partner redrawn), discrete_exact (exactly ratio of cells own)",
+                    choices=MASK_KINDS)
     grid_size: int = opt(4, "mask grid G (G x G cells over the image)", ge=1)
-    ratio: float = opt(0.5, "share of cells kept from the sample's own image (the mask ratio)", gt=0.0, le=1.0)
+    ratio: float = opt(0.5, "mask ratio: share of own cells (block, discrete_exact), partner probability of a cell "
+                       "(discrete)", gt=0.0, le=1.0)
     ratio_max: float | None = opt(None, "if set, the ratio is drawn per sample uniformly in [ratio, ratio_max]",
                                   gt=0.0, le=1.0)
-    per_sample: bool = opt(True, "one mask per sample (False: one mask per batch, as the official code)")
-    permutation: str = opt("reverse", "partner of sample i: reverse (i <-> n-1-i) or random",
-                           choices=("reverse", "random"))
+    share: str = opt("pair", "who shares a mask: batch (one per batch, official), pair (both members of a pair: "
+                     "keeps the switched image; ours), sample (independent)", choices=MASK_SHARES)
+    permutation: str = opt("reverse", "partner of sample i: reverse (i <-> n-1-i; MixMask* gives MixMask random "
+                           "partners) or random (drawn every step)", choices=PERMUTATIONS)
     erase_fill: str = opt("zero", "erase branch: fill for masked cells (zero = black pixels, mean = dataset mean)",
                           choices=("zero", "mean", "noise"))
 
@@ -85,7 +98,10 @@ class MethodConfig:
     temperature: float = opt(0.1, "contrastive softmax temperature", gt=0.0)
     unmix_prob: float = opt(0.5, "Un-Mix: probability of global mixup (else region cutmix)", ge=0.0, le=1.0)
     unmix_beta: float = opt(1.0, "Un-Mix: lambda ~ Beta(beta, beta)", gt=0.0)
-    shuffle_bn: bool = opt(True, "MoCo: shuffle BatchNorm across ranks for the key encoder")
+    shuffle_bn: bool = opt(True, "MoCo: shuffle BatchNorm across ranks for the key encoder (in one process: across "
+                                 "the BN splits)")
+    bn_splits: int = opt(1, "MoCo, one process only: split BatchNorm, statistics over S equal chunks of the batch (the "
+                            "MoCo CIFAR recipe: 8); with more processes each rank's BN is a split and this is 1", ge=1)
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm")
 
 
@@ -94,7 +110,9 @@ class OptimConfig:
     name: str = opt("sgd", "optimizer", choices=("sgd", "adam", "adamw", "lars"))
     base_lr: float = opt(0.06, "learning rate at `base_batch` (scaled linearly with the global batch)", gt=0.0)
     base_batch: int = opt(512, "batch size `base_lr` is quoted for", ge=1)
-    weight_decay: float = opt(5e-4, "weight decay (not applied to biases and norms)", ge=0.0)
+    weight_decay: float = opt(5e-4, "weight decay (L2 for sgd/adam/lars, decoupled for adamw)", ge=0.0)
+    decay_norm_and_bias: bool = opt(False, "also decay biases and norm parameters (the official code decays every "
+                                           "parameter; False excludes them, ours)")
     momentum: float = opt(0.9, "SGD/LARS momentum", ge=0.0, le=1.0)
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "step", "constant"))
     warmup_epochs: float = opt(0.0, "linear warm-up length in epochs", ge=0.0)
@@ -181,9 +199,30 @@ def validate(cfg: Config) -> Config:
             _check_field(f"{section.name}.{f.name}", getattr(sub, f.name), dict(f.metadata))
     if cfg.mask.ratio_max is not None and cfg.mask.ratio_max < cfg.mask.ratio:
         raise UserError(f"mask.ratio_max={cfg.mask.ratio_max} must be >= mask.ratio={cfg.mask.ratio}")
+    _check_masks(cfg)
+    if cfg.method.bn_splits > 1 and cfg.method.name != "moco":
+        raise UserError(f"method.bn_splits={cfg.method.bn_splits} is for method.name=moco (split BatchNorm for "
+                        f"shuffle-BN); set method.bn_splits=1 for {cfg.method.name}")
     if not all(0.0 < m < 1.0 for m in cfg.optim.milestones):
         raise UserError(f"optim.milestones={cfg.optim.milestones} must be fractions of training in (0, 1)")
     return cfg
+
+
+def _check_masks(cfg: Config) -> None:
+    """Refuse masks that can never reach their ratio (blocked at grid 2, discrete at grid 1) before any work."""
+    if cfg.method.branch not in ("mixmask", "mixmask-unmix", "erase"):
+        return
+    from mixmask.masks import check_mask_config  # loads torch: only for branches that draw masks
+
+    m = cfg.mask
+    if m.grid_size > cfg.data.resolution:
+        raise UserError(f"mask.grid_size={m.grid_size} is larger than data.resolution={cfg.data.resolution}: some "
+                        "cells would cover no pixel; use a grid of at most the resolution")
+    ratio = m.ratio if m.ratio_max is None else (m.ratio, m.ratio_max)
+    try:
+        check_mask_config(m.kind, m.grid_size, ratio)
+    except ValueError as err:
+        raise UserError(f"mask.kind={m.kind} at mask.grid_size={m.grid_size}: {err}") from None
 
 
 def field_docs(section: type) -> dict[str, tuple[Any, str]]:
@@ -193,6 +232,12 @@ def field_docs(section: type) -> dict[str, tuple[Any, str]]:
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         out[f.name] = (default, f.metadata.get("doc", ""))
     return out
+
+
+def bn_splits_in_use(cfg: Config, world_size: int) -> int:
+    """Split BatchNorm stands in for several devices' BN in one process; with more processes every rank's BN
+    already sees its own share of the batch and shuffle-BN applies, so it is off (1)."""
+    return cfg.method.bn_splits if world_size == 1 else 1
 
 
 def derived(cfg: Config, world_size: int, steps_per_epoch: int | None = None) -> dict[str, Any]:
@@ -205,6 +250,13 @@ def derived(cfg: Config, world_size: int, steps_per_epoch: int | None = None) ->
         "batch_size_per_rank": cfg.data.batch_size // world_size,
         "lr": cfg.optim.base_lr * cfg.data.batch_size / cfg.optim.base_batch,
     }
+    out["bn_splits"] = bn_splits_in_use(cfg, world_size)
+    if out["batch_size_per_rank"] % out["bn_splits"]:
+        raise UserError(f"method.bn_splits={out['bn_splits']} must divide the batch per process "
+                        f"{out['batch_size_per_rank']} (data.batch_size / world size)")
+    if out["bn_splits"] > 1 and cfg.method.sync_bn:
+        raise UserError(f"method.sync_bn=true and method.bn_splits={out['bn_splits']} exclude each other (one "
+                        "normalises across processes, the other within one); set method.bn_splits=1")
     if steps_per_epoch is not None:
         out["steps_per_epoch"] = steps_per_epoch
         # The schedule always spans all epochs; run.max_steps only stops early (so a capped smoke run and the

@@ -34,6 +34,10 @@ def _unknown_key_error(key: str) -> UserError:
     section, _, name = key.partition(".")
     cfg = Config()
     sections = [f.name for f in fields(cfg) if is_dataclass(getattr(cfg, f.name))]
+    if section in sections and not name:  # `data=3`: a whole section given a value
+        keys = [f.name for f in fields(getattr(cfg, section))]
+        return UserError(f"{section!r} is a config section, not a key: set one of its keys, e.g. "
+                         f"{section}.{keys[0]}=...; keys in {section}: {', '.join(keys)}")
     if section not in sections or not name:
         # A bare field name ("epochs=3"): point at the section that has it.
         dotted = [f"{s}.{f.name}" for s in sections for f in fields(getattr(cfg, s))]
@@ -77,7 +81,10 @@ def _load_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise UserError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -51,7 +51,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.checkpoint.is_file():
         raise UserError(f"checkpoint {str(args.checkpoint)!r} does not exist")
-    raw = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    from mixmask.launch import check_writable_dir
+
+    check_writable_dir(args.detectron2.parent, "--detectron2")
+    try:
+        raw = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise UserError(f"{str(args.checkpoint)!r} is corrupt, truncated or not a PyTorch file "
+                        f"({type(err).__name__}); give a run's checkpoints/last.pt or backbone.pt") from None
     if isinstance(raw, dict) and "method" in raw:
         state = backbone_state_dict(load_checkpoint(args.checkpoint)["method"])
     elif isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values()):
@@ -59,9 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         raise UserError(f"{str(args.checkpoint)!r} is neither a training checkpoint nor a backbone.pt")
     out = to_detectron2(state)
-    args.detectron2.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.detectron2.with_name(args.detectron2.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open(tmp, "wb") as f:  # open() honours the umask, as the user's other files do
         pickle.dump(out, f)
     tmp.replace(args.detectron2)
     print(f"wrote {args.detectron2} ({len(out['model'])} tensors, detectron2 naming)")

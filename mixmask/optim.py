@@ -1,4 +1,5 @@
-"""Optimizers (SGD, Adam, AdamW, LARS) with no weight decay on biases and norms, and the learning-rate schedule."""
+"""Optimizers (SGD, Adam, AdamW, LARS) with biases and norms optionally excluded from weight decay, and the
+learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights that decay, and biases / norm parameters (1-d tensors) that neither decay nor adapt.
+def param_groups(model: nn.Module, weight_decay: float, *, decay_norm_and_bias: bool = False) -> list[dict]:
+    """Two groups: weights, and biases / norm parameters (1-d tensors).
 
-    The second group carries `lars_exclude=True`, which LARS reads to skip its trust ratio (as in BYOL / SimCLR).
+    The second group decays only with `decay_norm_and_bias=True` (the official MixMask, MoCo and Un-Mix code decay
+    every parameter: `SGD(model.parameters(), weight_decay=...)`); excluding them is the SimCLR / BYOL habit. It
+    always carries `lars_exclude=True`, which LARS reads to skip its trust ratio (as in BYOL / SimCLR).
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -21,7 +24,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
-        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+        {"params": no_decay, "weight_decay": weight_decay if decay_norm_and_bias else 0.0, "lars_exclude": True},
     ]
 
 
@@ -58,10 +61,10 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float,
-                    momentum: float = 0.9) -> torch.optim.Optimizer:
+def build_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float, momentum: float = 0.9,
+                    decay_norm_and_bias: bool = False) -> torch.optim.Optimizer:
     """The optimizer named by `optim.name`, over `param_groups(model)`."""
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, decay_norm_and_bias=decay_norm_and_bias)
     if name == "sgd":
         for g in groups:
             g.pop("lars_exclude")

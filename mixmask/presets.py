@@ -1,92 +1,37 @@
 """Named presets: the paper's settings for every DATASET-METHOD-BRANCH, plus the CPU `demo`.
 
-Values follow the paper's Table 8 (CIFAR-100 and Tiny-ImageNet, inherited from Un-Mix) and the official MixMask
-README for ImageNet (MoCo v2 recipe). `base_lr` is quoted at the preset's own batch (`base_batch`), so the preset
-trains with exactly the paper's learning rate and other batch sizes scale it linearly.
+Every value of a paper preset comes from `mixmask.preset_table`, which names its source (Tables 1 and 8, the
+official code, or "ours, because …") and which the README renders. `base_lr` is quoted at the preset's own batch
+(`base_batch`), so the preset trains with exactly the paper's learning rate and other batch sizes scale it linearly.
+Better-than-official choices (e.g. `optim.decay_norm_and_bias=false`) stay options, never paper-preset defaults.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from mixmask.config import BRANCHES, METHOD_NAMES, Config
 from mixmask.errors import UserError, did_you_mean
+from mixmask.preset_table import rows_for
 
 DATASETS = ("cifar100", "tinyimagenet", "imagenet")
 
-# Grid that the paper found best at each resolution (32 px: 2, 64 px: 4, 224 px: 8).
-_DATASET = {
-    "cifar100": dict(source="cifar100", resolution=32, batch=512, epochs=1000, grid=2, arch="resnet18", stem=True),
-    "tinyimagenet": dict(source="tinyimagenet", resolution=64, batch=512, epochs=1000, grid=4, arch="resnet18",
-                         stem=True),
-    "imagenet": dict(source="imagenet", resolution=224, batch=256, epochs=200, grid=8, arch="resnet50", stem=False),
-}
 
-
-def _small_method(cfg: Config, method: str, dataset: str) -> None:
-    """Table 8 hyper-parameters for CIFAR-100 / Tiny-ImageNet."""
-    m, o = cfg.method, cfg.optim
-    if method == "moco":
-        o.name, o.base_lr, o.weight_decay = "sgd", 0.06, 5e-4
-        m.momentum, m.queue_size, m.temperature, m.dim, m.mlp_head = 0.99, 4096, 0.1, 128, True
-        cfg.aug.recipe = "mocov2"
-    elif method in ("simclr", "byol"):
-        o.name, o.weight_decay = "adam", 1e-6
-        o.base_lr = 0.003 if dataset == "cifar100" else 0.002
-        m.hidden_dim = 1024
-        if method == "simclr":
-            m.dim, m.temperature = 128, 0.5
-            cfg.aug.recipe = "simclr"
-        else:
-            m.dim, m.pred_dim, m.momentum = 256, 1024, 0.99
-            cfg.aug.recipe = "byol"
-    elif method == "simsiam":
-        o.name, o.base_lr, o.weight_decay, o.warmup_epochs = "sgd", 0.03, 5e-4, 10
-        m.dim, m.hidden_dim, m.pred_dim, m.proj_layers = 2048, 2048, 512, 2
-        cfg.aug.recipe = "simclr"
-
-
-def _imagenet_method(cfg: Config, method: str) -> None:
-    """MoCo v2 as in the official MixMask README; the other methods with their own papers' ImageNet recipes."""
-    m, o = cfg.method, cfg.optim
-    if method == "moco":
-        o.name, o.base_lr, o.weight_decay = "sgd", 0.03, 1e-4
-        m.momentum, m.queue_size, m.temperature, m.dim, m.mlp_head = 0.999, 65536, 0.2, 128, True
-        cfg.aug.recipe = "mocov2"
-    elif method == "simclr":
-        o.name, o.base_lr, o.weight_decay, o.warmup_epochs = "lars", 0.3, 1e-6, 10
-        m.dim, m.hidden_dim, m.temperature = 128, 2048, 0.1
-        cfg.aug.recipe = "simclr"
-    elif method == "byol":
-        o.name, o.base_lr, o.weight_decay, o.warmup_epochs = "lars", 0.2, 1.5e-6, 10
-        m.dim, m.hidden_dim, m.pred_dim, m.momentum = 256, 4096, 4096, 0.996
-        cfg.aug.recipe = "byol"
-    elif method == "simsiam":
-        o.name, o.base_lr, o.weight_decay = "sgd", 0.05, 1e-4
-        m.dim, m.hidden_dim, m.pred_dim = 2048, 2048, 512
-        cfg.aug.recipe = "simclr"
+def _set(cfg: Config, key: str, value: Any) -> None:
+    section, name = key.split(".")
+    sub = getattr(cfg, section)
+    if not hasattr(sub, name):
+        raise AttributeError(f"preset table names an unknown config key {key!r}")
+    setattr(sub, name, value)
 
 
 def paper_preset(dataset: str, method: str, branch: str) -> Config:
-    """The paper's configuration for one dataset, method and branch."""
-    d = _DATASET[dataset]
+    """The paper's configuration for one dataset, method and branch: every value from `preset_table`."""
     cfg = Config(preset=f"{dataset}-{method}-{branch}")
-    cfg.data.source = "imagefolder" if d["source"] == "imagenet" else str(d["source"])
-    cfg.data.resolution = int(d["resolution"])
-    cfg.data.batch_size = int(d["batch"])
-    cfg.data.workers = 10 if dataset == "imagenet" else 8
-    cfg.optim.base_batch = int(d["batch"])
-    cfg.run.epochs = int(d["epochs"])
-    cfg.run.knn_every = 0 if dataset == "imagenet" else 10
-    cfg.mask.grid_size = int(d["grid"])
     cfg.method.name, cfg.method.branch = method, branch
-    cfg.method.arch, cfg.method.cifar_stem = str(d["arch"]), bool(d["stem"])
-    cfg.method.unmix_prob = 0.5
-    cfg.aug.crop_min_scale = 0.2 if dataset == "imagenet" else 0.08
-    if dataset == "imagenet":
-        _imagenet_method(cfg, method)
-    else:
-        _small_method(cfg, method, dataset)
+    for key, value, _source in rows_for(dataset, method):
+        _set(cfg, key, value)
     return cfg
 
 
@@ -104,7 +49,7 @@ def demo() -> Config:
     cfg.data.synthetic_images, cfg.data.synthetic_val_images, cfg.data.synthetic_classes = 2000, 500, 10
     cfg.method.name, cfg.method.branch, cfg.method.arch, cfg.method.cifar_stem = "moco", "mixmask", "resnet18", False
     cfg.method.queue_size, cfg.method.momentum, cfg.method.temperature = 1024, 0.99, 0.2
-    cfg.mask.grid_size = 4
+    cfg.mask.grid_size, cfg.mask.share = 4, "pair"  # ours: one mask per pair keeps the switched image
     cfg.aug.recipe, cfg.aug.crop_min_scale = "mocov2", 0.35
     cfg.optim.name, cfg.optim.base_lr, cfg.optim.base_batch, cfg.optim.weight_decay = "adamw", 3e-4, 128, 1e-4
     cfg.optim.warmup_epochs = 1

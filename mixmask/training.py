@@ -67,6 +67,10 @@ def _val_label_map(train_classes: list[str], val_classes: list[str], log: Callab
 
 def prepare_data(cfg: Config, run: launch.Launch, log: Callable[[str], None]) -> DataPaths:
     """Resolve the data paths; convert the synthetic default to .beton on first use (rank 0, others wait)."""
+    from pipelines.loaders.wds_shards import is_shard_path
+
+    if cfg.data.path and is_shard_path(cfg.data.path):  # webdataset shards, whatever data.source says
+        return _shard_paths(cfg, log)
     if cfg.data.source == "synthetic":
         paths = DataPaths(train=None, val=None, num_classes=cfg.data.synthetic_classes,
                           synthetic_train=synthetic_kwargs(cfg, "train"), synthetic_val=synthetic_kwargs(cfg, "val"))
@@ -110,6 +114,29 @@ def prepare_data(cfg: Config, run: launch.Launch, log: Callable[[str], None]) ->
     return DataPaths(train=str(train), val=val_root, num_classes=len(source.class_names), val_label_map=mapping)
 
 
+def _shard_paths(cfg: Config, log: Callable[[str], None]) -> DataPaths:
+    """Webdataset shards: classes from their sidecar; held-out shards from data.val_path or the folder's val split."""
+    from pipelines.loaders.wds_shards import is_shard_path, open_shards
+
+    if cfg.data.backend not in ("dali", "torchvision"):
+        raise UserError(f"data.path={cfg.data.path!r} holds webdataset shards: use data.backend=dali (or "
+                        "torchvision, the reference reader); ffcv reads a .beton")
+    train = open_shards(cfg.data.path, "train", cfg.data.shard_url)
+    if train.num_missing:
+        log(f"{train.num_missing} of {train.num_expected} samples are missing from the shards of "
+            f"{cfg.data.path} (lost shard, truncated tar or member): skipped")
+    val = cfg.data.val_path or None
+    if val is None and Path(cfg.data.path).is_dir() and (Path(cfg.data.path) / "val.json").is_file():
+        val = cfg.data.path
+    if val is not None and not is_shard_path(val):
+        raise UserError(f"data.val_path={val!r} must be webdataset shards too when data.path holds shards")
+    mapping = None
+    if val is not None:
+        mapping = _val_label_map(list(train.class_names), list(open_shards(val, "val", cfg.data.shard_url).class_names),
+                                 log)
+    return DataPaths(train=cfg.data.path, val=val, num_classes=len(train.class_names), val_label_map=mapping)
+
+
 def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_per_rank: int, use_bf16: bool):
     """The two-view training loader and, when a held-out split exists, the (bank, query) kNN monitor loaders."""
     from pipelines.augment import recipe
@@ -120,13 +147,16 @@ def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_p
     if cfg.aug.crop_min_scale is not None:
         views = tuple(replace(v, crop_scale=(cfg.aug.crop_min_scale, v.crop_scale[1])) for v in views)
     common = dict(source=cfg.data.source, resolution=cfg.data.resolution, rank=run.rank,
-                  world_size=run.world_size, workers=cfg.data.workers, device=run.device)
+                  world_size=run.world_size, workers=cfg.data.workers, device=run.device,
+                  max_bad_fraction=cfg.data.max_bad_fraction)
+    if cfg.data.shard_url:  # webdataset shards whose tars live elsewhere (an object store)
+        common["shard_url"] = cfg.data.shard_url
     train = build_two_view_loader(
         cfg.data.backend, path=data.train, split="train", batch_size_per_rank=batch_size_per_rank,
         recipe=views, seed=cfg.run.seed, dtype=dtype, channels_last=cfg.run.channels_last,
         os_cache=cfg.data.os_cache, batches_ahead=cfg.data.batches_ahead, synthetic=data.synthetic_train or None,
-        **common)
-    if cfg.run.knn_every == 0 or (data.val is None and cfg.data.source != "synthetic"):
+        shuffle_buffer=cfg.data.shuffle_buffer, **common)
+    if cfg.run.knn_every == 0 or (data.val is None and not data.synthetic_val):
         return train, None
     eval_batch = max(1, min(256, cfg.eval.batch_size // run.world_size))
     bank = build_eval_loader(cfg.data.backend, path=data.train, split="train", batch_size_per_rank=eval_batch,
@@ -136,9 +166,13 @@ def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_p
     return train, (bank, query, data.num_classes, data.val_label_map)
 
 
-def build_method_from_config(cfg: Config, num_classes: int | None = None) -> torch.nn.Module:
-    """The Siamese method of `cfg.method` around a fresh backbone (num_classes is unused by the methods)."""
+def build_method_from_config(cfg: Config, num_classes: int | None = None, *, world_size: int = 1) -> torch.nn.Module:
+    """The Siamese method of `cfg.method` around a fresh backbone (num_classes is unused by the methods).
+
+    `world_size` decides whether MoCo's split BatchNorm applies (`config.bn_splits_in_use`: one process only).
+    """
     from mixmask.backbones import build_backbone
+    from mixmask.config import bn_splits_in_use
     from mixmask.methods import build_method
 
     m = cfg.method
@@ -149,13 +183,15 @@ def build_method_from_config(cfg: Config, num_classes: int | None = None) -> tor
         # in the official code; method.hidden_dim sizes the other methods' projectors.
         hparams = dict(version=2 if m.mlp_head else 1, dim=m.dim, mlp_hidden_dim=None,
                        queue_size=m.queue_size, momentum=m.momentum, temperature=m.temperature,
-                       shuffle_bn=m.shuffle_bn and not m.sync_bn, sync_bn=m.sync_bn)
+                       shuffle_bn=m.shuffle_bn and not m.sync_bn, sync_bn=m.sync_bn,
+                       bn_splits=bn_splits_in_use(cfg, world_size))
     elif m.name == "simclr":
         hparams = dict(proj_hidden_dim=m.hidden_dim, proj_dim=m.dim, temperature=m.temperature)
     elif m.name == "byol":
         hparams = dict(proj_hidden_dim=m.hidden_dim, proj_dim=m.dim, pred_hidden_dim=m.pred_dim, base_tau=m.momentum)
     else:
-        hparams = dict(proj_dim=m.dim, proj_layers=m.proj_layers, pred_hidden_dim=m.pred_dim)
+        hparams = dict(proj_dim=m.dim, proj_hidden_dim=m.hidden_dim, proj_layers=m.proj_layers,
+                       pred_hidden_dim=m.pred_dim)
     return build_method(m.name, backbone=backbone, feature_dim=feature_dim, **hparams)
 
 
@@ -168,7 +204,7 @@ def build_operator(cfg: Config):
     if fill == "zero":  # black pixels: 0 before normalisation is −mean/std after it (0 after it is the mean)
         fill = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
     return MixingOperator(cfg.method.branch, mask_kind=cfg.mask.kind, grid_size=cfg.mask.grid_size,
-                          mask_ratio=ratio, per_sample=cfg.mask.per_sample, permutation=cfg.mask.permutation,
+                          mask_ratio=ratio, share=cfg.mask.share, permutation=cfg.mask.permutation,
                           unmix_prob=cfg.method.unmix_prob, unmix_beta=cfg.method.unmix_beta,
                           erase_fill=fill)
 

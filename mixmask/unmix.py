@@ -74,7 +74,8 @@ def unmix(
 
     Shape:
         images: (B, C, H, W); perm: (B,) long
-        returns: mixed (B, C, H, W) like `images`; lam (B,) float32, the same value for every sample
+        returns: mixed (B, C, H, W) like `images`; lam (B,) float32, the same value for every sample except
+            one paired with itself (`perm[i] == i`), whose λ is 1
     """
     if not 0.0 <= mixup_prob <= 1.0:
         raise ValueError(f"Un-Mix mixup probability must be in [0, 1], got {mixup_prob}")
@@ -101,7 +102,9 @@ def unmix(
     mixed = mixed.contiguous(memory_format=_memory_format(images))
     # Report the λ the pixels were actually mixed with (bf16 rounds it).
     own_share = unmix_lambda(use_mixup, lam.to(work_dtype).double(), box, height, width)
-    return mixed, own_share.float().expand(batch).clone()
+    # A sample paired with itself (the middle of an odd batch under the reverse pairing) is all its own pixels.
+    self_paired = perm == torch.arange(batch, device=device)
+    return mixed, own_share.float().expand(batch).masked_fill(self_paired, 1.0)
 
 
 def _memory_format(images: torch.Tensor) -> torch.memory_format:

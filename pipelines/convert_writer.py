@@ -164,10 +164,10 @@ def write_beton(src: Source, indices: np.ndarray, out: Path, *, write_mode: str,
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                      smart_threshold=smart_threshold, jpeg_quality=jpeg_quality),
               "label": IntField()}
-    writer = DatasetWriter(str(tmp), fields, page_size=_page_size(max_hw, max_resolution),
-                           num_workers=min(num_workers, max(1, len(indices) // chunksize)))
-    work = list(chunks(list(enumerate(int(i) for i in indices)), chunksize))
     try:
+        writer = DatasetWriter(str(tmp), fields, page_size=_page_size(max_hw, max_resolution),
+                               num_workers=min(num_workers, max(1, len(indices) // chunksize)))
+        work = list(chunks(list(enumerate(int(i) for i in indices)), chunksize))
         _run_writer(writer, len(indices), work, worker_job_indexed_dataset, _Samples(src), reporter)
         before_rename(time.perf_counter() - start)
         os.replace(tmp, out)
@@ -180,18 +180,19 @@ def _run_writer(writer, num_samples: int, work: list, job: Callable, dataset: _S
     writer.num_samples = num_samples
     writer.prepare()  # writes header + field descriptors, creates the shared metadata block
     todo, allocations, errors = _CTX.Queue(), _CTX.Queue(), _CTX.Queue()
-    for item in work:
-        todo.put(item)
-    for _ in range(writer.num_workers):
-        todo.put(None)
-    done = _CTX.Value(ctypes.c_uint64, 0)
-    from ffcv.memory_allocator import MemoryAllocator
-
-    allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
-    args = (todo, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations, dataset)
-    procs = [_CTX.Process(target=_guarded_job, args=(job, errors, *args)) for _ in range(writer.num_workers)]
-    reporter.phase("writing .beton", num_samples)
+    procs: list = []
     try:
+        for item in work:
+            todo.put(item)
+        for _ in range(writer.num_workers):
+            todo.put(None)
+        done = _CTX.Value(ctypes.c_uint64, 0)
+        from ffcv.memory_allocator import MemoryAllocator
+
+        allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
+        args = (todo, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations, dataset)
+        procs = [_CTX.Process(target=_guarded_job, args=(job, errors, *args)) for _ in range(writer.num_workers)]
+        reporter.phase("writing .beton", num_samples)
         for p in procs:
             p.start()
         table: list = []
@@ -222,5 +223,8 @@ def _run_writer(writer, num_samples: int, work: list, job: Callable, dataset: _S
             if p.is_alive():
                 p.terminate()
                 p.join()
+        # Work left in a queue must not hold this process at exit (its feeder thread would wait for a reader).
+        for q in (todo, allocations, errors):
+            q.cancel_join_thread()
         writer.metadata_sm.close()
         writer.metadata_sm.unlink()

@@ -104,7 +104,8 @@ def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
     # HSV back to RGB in closed form, all three channels at once: c_n = v - v s clamp(min(k, 4 - k), 0, 1),
     # k = (n + h6) mod 6 with n = 5, 3, 1 for R, G, B (the same values as the sector table, with fewer passes).
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1) + h6.unsqueeze(1), 6.0)
+    # The offsets are Python scalars: a tensor built from a list here would be a blocking host-to-device copy.
+    k = torch.remainder(torch.stack((h6 + 5.0, h6 + 3.0, h6 + 1.0), dim=1), 6.0)
     f = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     v = maxc.unsqueeze(1)
     return (v - (v * s.unsqueeze(1)) * f).clamp_(0.0, 1.0)

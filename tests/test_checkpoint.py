@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +69,70 @@ def test_find_resume_and_pruning(tmp_path):
     removed = prune_periodic(tmp_path, keep=2)
     assert sorted(p.name for p in removed) == ["epoch_0002.pt", "epoch_0004.pt", "epoch_0006.pt"]
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["epoch_0008.pt", "epoch_0010.pt", "last.pt"]
+
+
+
+def _tiny_run(repo_root, out, *extra: str) -> subprocess.CompletedProcess:
+    """train.py for a few steps of the demo (MoCo v2 + MixMask, AdamW) on 64 synthetic 16 px images."""
+    cmd = [sys.executable, "train.py", "--preset", "demo", "data.synthetic_images=64", "data.synthetic_val_images=32",
+           "data.resolution=16", "data.batch_size=16", "data.workers=1", "data.backend=torchvision",
+           f"data.data_dir={repo_root / 'data' / 'test-cache'}", "method.cifar_stem=false", "method.queue_size=32",
+           "mask.grid_size=4", "run.knn_every=0", "run.progress=false", "run.tensorboard=false", f"run.out_dir={out}",
+           *extra]
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter:UserWarning")  # copying into meta is a no-op, as meant
+def test_resume_onto_a_non_cpu_device_restores_rng_optimizer_and_schedule(repo_root, tmp_path):
+    """train.py writes last.pt; the resume path restores it into a model on `meta` (standing in for CUDA on a CPU host).
+
+    Loading with map_location=device made the RNG states device tensors (set_rng_state: "RNG state must be a
+    torch.ByteTensor") and left AdamW's `step` on the device; the file must be read to the CPU and load_state_dict
+    left to place each tensor.
+    """
+    from mixmask.checkpoint import resume_from
+    from mixmask.config_cli import from_dict
+    from mixmask.optim import build_optimizer
+    from mixmask.training import build_method_from_config
+
+    _tiny_run(repo_root, tmp_path / "run", "run.device=cpu", "run.max_steps=2")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+
+    cfg = from_dict(saved["config"])
+    assert cfg.optim.name == "adamw"  # an optimizer with a `step` entry in its state
+    method = build_method_from_config(cfg).to("meta")
+    optimizer = build_optimizer(cfg.optim.name, method, lr=1.0, weight_decay=cfg.optim.weight_decay)
+    mask_gen = torch.Generator()
+    torch.manual_seed(12345)
+    mask_gen.manual_seed(678)
+    random.seed(9)
+    np.random.seed(9)  # noqa: NPY002 (the legacy global state is what a checkpoint restores)
+
+    position = resume_from(last, method=method, optimizer=optimizer, mask_generator=mask_gen, rank=0)
+
+    assert position == (saved["epoch"], saved["step"], saved["step_in_epoch"]) == (0, 2, 2)
+    rng = saved["rng"][0]
+    assert torch.equal(torch.get_rng_state(), rng["torch"])
+    assert torch.equal(mask_gen.get_state(), rng["mask_generator"])
+    assert random.getstate() == rng["python"]
+    assert np.array_equal(np.random.get_state()[1], rng["numpy"][1])  # noqa: NPY002
+    states = list(optimizer.state.values())
+    assert len(states) == sum(p.requires_grad for p in method.parameters())
+    assert all(s["step"].device.type == "cpu" and s["step"].item() == 2 for s in states)  # where AdamW reads it
+    assert all(s["exp_avg"].device.type == "meta" for s in states)  # placed on the parameters' device
+    assert optimizer.param_groups[0]["lr"] == saved["optimizer"]["param_groups"][0]["lr"] != 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+def test_train_resumes_on_cuda(repo_root, tmp_path):
+    _tiny_run(repo_root, tmp_path / "run", "run.device=cuda", "run.max_steps=2")
+    proc = _tiny_run(repo_root, tmp_path / "run", "run.device=cuda", "run.max_steps=4")
+    assert "resumed from" in proc.stderr + proc.stdout
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert saved["step"] == 4 and saved["rng"][0]["cuda"] is not None

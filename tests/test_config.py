@@ -23,39 +23,6 @@ def test_every_preset_resolves_and_is_named_by_its_parts():
             assert (cfg.method.name, cfg.method.branch) == (method, branch)
 
 
-@pytest.mark.parametrize(
-    "name, expected",
-    [
-        ("cifar100-moco-mixmask", dict(arch="resnet18", cifar_stem=True, res=32, batch=512, epochs=1000, grid=2,
-                                       opt="sgd", lr=0.06, wd=5e-4, m=0.99, K=4096, T=0.1, dim=128)),
-        ("tinyimagenet-moco-vanilla", dict(arch="resnet18", cifar_stem=True, res=64, batch=512, epochs=1000, grid=4,
-                                           opt="sgd", lr=0.06, wd=5e-4, m=0.99, K=4096, T=0.1, dim=128)),
-        ("imagenet-moco-mixmask", dict(arch="resnet50", cifar_stem=False, res=224, batch=256, epochs=200, grid=8,
-                                       opt="sgd", lr=0.03, wd=1e-4, m=0.999, K=65536, T=0.2, dim=128)),
-    ],
-)
-def test_moco_presets_follow_the_paper(name, expected):
-    cfg = get_preset(name)
-    e = expected
-    assert (cfg.method.arch, cfg.method.cifar_stem, cfg.data.resolution) == (e["arch"], e["cifar_stem"], e["res"])
-    assert (cfg.data.batch_size, cfg.run.epochs, cfg.mask.grid_size) == (e["batch"], e["epochs"], e["grid"])
-    assert (cfg.optim.name, cfg.optim.base_lr, cfg.optim.weight_decay) == (e["opt"], e["lr"], e["wd"])
-    assert (cfg.method.momentum, cfg.method.queue_size, cfg.method.temperature) == (e["m"], e["K"], e["T"])
-    assert cfg.method.dim == e["dim"] and cfg.method.mlp_head and cfg.mask.ratio == 0.5 and cfg.mask.kind == "block"
-    # the preset's lr is the paper's lr at the preset's batch size
-    assert derived(cfg, 1)["lr"] == pytest.approx(e["lr"])
-
-
-def test_small_dataset_presets_for_the_other_methods():
-    assert get_preset("cifar100-simclr-mixmask").optim.base_lr == 0.003
-    assert get_preset("tinyimagenet-byol-mixmask").optim.base_lr == 0.002
-    byol = get_preset("cifar100-byol-mixmask-unmix")
-    assert byol.optim.name == "adam" and byol.method.momentum == 0.99 and byol.method.unmix_prob == 0.5
-    assert byol.method.hidden_dim == 1024 and byol.aug.recipe == "byol"
-    simsiam = get_preset("cifar100-simsiam-vanilla")
-    assert (simsiam.optim.name, simsiam.optim.base_lr, simsiam.optim.warmup_epochs) == ("sgd", 0.03, 10)
-
-
 def test_resolution_order_defaults_preset_yaml_overrides(tmp_path):
     yaml_file = tmp_path / "exp.yaml"
     yaml_file.write_text("run:\n  epochs: 7\n  seed: 3\nmask:\n  grid_size: 8\n")

@@ -13,7 +13,7 @@ def _pins(lines):
         line = line.split("#", 1)[0].strip()
         if not line or line.startswith("-"):
             continue
-        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([^\s;]+)", line)
+        m = re.fullmatch(r"([A-Za-z0-9_.\-]+(?:\[[A-Za-z0-9_,\-]+\])?)==([^\s;]+)", line)  # name[extras]==version
         assert m, f"requirement {line!r} is not pinned with =="
         pins[m.group(1).lower().replace("_", "-")] = m.group(2)
     return pins
@@ -33,6 +33,7 @@ def test_environment_yml_matches_requirements(repo_root):
 
 def test_required_packages_are_pinned(repo_root):
     required = _pins((repo_root / "requirements.txt").read_text().splitlines())
-    for name in ("torch", "torchvision", "nvidia-dali-cuda130", "ffcv", "numpy", "rich"):
+    # numba-cuda[cu13]: the mask kernel's CUDA toolchain from pip wheels (numba alone needs conda or a system CUDA).
+    for name in ("torch", "torchvision", "nvidia-dali-cuda130", "ffcv", "numpy", "rich", "numba-cuda[cu13]"):
         assert name in required
     assert required["torch"] == "2.14.1" and required["torchvision"] == "0.29.1" and required["ffcv"] == "1.0.2"

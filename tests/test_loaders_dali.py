@@ -79,3 +79,44 @@ def test_array_source_and_eval_loader():
 def test_mixed_decoder_on_gpu(folder):
     batch = next(iter(_make(folder, recipe="mocov2", device="cuda")(rank=0, world_size=1, seed=0)))
     assert batch.view1.is_cuda and batch.view1.shape == (BATCH, 3, RES, RES)
+
+
+def _graph_devices(loader) -> list[str]:
+    """Where each output of the loader's DALI graph runs, defined as `_run_epoch` defines it (no GPU needed to look)."""
+    import numpy as np
+    from nvidia.dali.pipeline import Pipeline
+
+    from pipelines.loaders.dali_backend import _EpochSource
+
+    source = _EpochSource(loader.split, np.arange(len(loader.split)), loader.batch_size, loader.steps)
+    with Pipeline(batch_size=loader.batch_size, num_threads=1, device_id=None):
+        return [node.device for node in loader._graph(*loader._decoded(source))]
+
+
+def test_array_and_file_sources_run_the_graph_on_the_gpu_for_a_cuda_device(folder):
+    synthetic = {"num_images": 20, "num_classes": 4, "resolution": 32}
+    arrays = build_two_view_loader("dali", source="synthetic", path=None, resolution=32, batch_size_per_rank=8,
+                                   recipe="mocov2", rank=0, world_size=1, seed=0, workers=1,
+                                   device=torch.device("cuda"), synthetic=synthetic)
+    files = _make(folder, recipe="mocov2", device="cuda")(rank=0, world_size=1, seed=0)
+    ev = build_eval_loader("dali", source="synthetic", path=None, split="train", resolution=32,
+                           batch_size_per_rank=8, train_aug=False, rank=0, world_size=1, workers=1,
+                           device=torch.device("cuda"), synthetic=synthetic)
+    for loader in (arrays, files):
+        assert _graph_devices(loader) == ["gpu", "gpu", "cpu", "cpu"]  # view1, view2 | labels, index
+    assert _graph_devices(ev) == ["gpu", "cpu", "cpu"]
+    cpu = build_two_view_loader("dali", source="synthetic", path=None, resolution=32, batch_size_per_rank=8,
+                                recipe="mocov2", rank=0, world_size=1, seed=0, workers=1,
+                                device=torch.device("cpu"), synthetic=synthetic)
+    assert _graph_devices(cpu) == ["cpu"] * 4
+
+
+@pytest.mark.gpu
+def test_array_source_on_gpu():
+    synthetic = {"num_images": 20, "num_classes": 4, "resolution": 32}
+    loader = build_two_view_loader("dali", source="synthetic", path=None, resolution=32, batch_size_per_rank=8,
+                                   recipe="byol", rank=0, world_size=1, seed=0, workers=1,
+                                   device=torch.device("cuda"), synthetic=synthetic)
+    batch = next(iter(loader))
+    assert batch.view1.is_cuda and batch.view2.shape == (8, 3, 32, 32) and batch.labels.is_cuda
+    assert torch.isfinite(batch.view1.float()).all() and batch.view1.float().std() > 0.1

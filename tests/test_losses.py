@@ -151,3 +151,36 @@ def test_losses_are_fp32_from_bf16_inputs_under_autocast(fn):
         low = fn(a.bfloat16(), b.bfloat16(), c.bfloat16(), lam)
     assert low.dtype == torch.float32
     assert low.item() == pytest.approx(ref.item(), rel=2e-2, abs=2e-2)
+
+
+@pytest.mark.parametrize("batch, kind, grid", [(8, "discrete", 2), (9, "block", 5), (8, "discrete", 3)])
+def test_operator_with_one_mask_per_batch_gives_the_official_mixmask_loss(batch, kind, grid):
+    # mask.share=batch, MixMask alone: the operator's images, λ and partners in our soft loss must give the official
+    # `loss_o + λ·loss_m + (1−λ)·loss_m_flip` (λ = mask.sum() / (H·W) of the upsampled mask, keys flipped),
+    # also with an odd batch and grids that do not divide the 32 px images.
+    from mixmask.operator import MixingOperator
+
+    size, t = 32, 0.2
+    x, x_k = _rand(batch, 3, size, size, seed=21), _rand(batch, 3, size, size, seed=22)
+    op = MixingOperator("mixmask", mask_kind=kind, grid_size=grid, mask_ratio=0.5, share="batch")
+    (mixed,) = op(x, torch.Generator().manual_seed(23))
+    mask = (mixed.images[0] == x[0]).all(0).double()  # the one mask, read off the first mixed image
+    assert torch.equal(mixed.images.double(), mask * x.double() + (1 - mask) * x.flip(0).double())
+
+    weights = _rand(3 * size * size, 16, seed=24)
+    def encode(images):
+        return F.normalize(images.flatten(1) @ weights, dim=1)
+
+    q, q_m, k = encode(x), encode(mixed.images), encode(x_k)
+    queue = F.normalize(_rand(16, 32, seed=25), dim=0)  # official layout (dim, K)
+    labels = torch.zeros(batch, dtype=torch.long)
+
+    def logits(query, key):
+        return torch.cat([(query * key).sum(1, keepdim=True), query @ queue], 1) / t
+
+    lam = mask.sum() / (size * size)
+    loss_o = F.cross_entropy(logits(q, k), labels)
+    official = loss_o + lam * F.cross_entropy(logits(q_m, k), labels)
+    official = official + (1 - lam) * F.cross_entropy(logits(q_m, k.flip(0)), labels)
+    ours = info_nce(q, k, queue.T, t).mean() + info_nce_soft(q_m, k, k[mixed.perm], queue.T, mixed.lam, t)
+    assert ours.item() == pytest.approx(official.item(), rel=1e-5)

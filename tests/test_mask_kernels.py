@@ -102,10 +102,12 @@ def test_cuda_kernel_matches_cpu_kernel_on_device():
 
 @pytest.mark.gpu
 def test_masks_and_mix_on_cuda_do_not_sync_the_host():
-    from mixmask.masks import block_masks, discrete_masks, mask_ratio_reachable
+    from mixmask.masks import block_masks, discrete_masks
     from mixmask.mixing import mix, random_permutation, reverse_permutation
+    from mixmask.operator import MixingOperator
 
-    mask_ratio_reachable(8, 0.5)  # the one-time CPU Monte Carlo behind the warning check, outside the guarded region
+    # Built outside the guarded region: the constructor's one-time CPU Monte Carlo check of the blocked rule.
+    operator = MixingOperator("mixmask-unmix", mask_kind="block", grid_size=8, share="pair")
     gen = torch.Generator(device="cuda").manual_seed(0)
     images = torch.randn(256, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
     block_masks(256, 8, 0.5, generator=gen, device="cuda")  # compile and load the kernel
@@ -116,6 +118,7 @@ def test_masks_and_mix_on_cuda_do_not_sync_the_host():
         mixed, lam = mix(images, masks, reverse_permutation(256, "cuda"))
         discrete = discrete_masks(256, 8, (0.3, 0.7), generator=gen, device="cuda")
         mix(images, discrete, random_permutation(256, gen, "cuda"))
+        operator(images, gen)  # random matching, per-pair masks, Un-Mix
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert masks.is_cuda and mixed.dtype == torch.bfloat16

@@ -1,18 +1,27 @@
-"""Blocked and discrete masks: contract, reproducibility, the small-grid warning, and statistical fidelity to BEiT."""
+"""Blocked and discrete masks: contract, reproducibility, refusal of unreachable settings, and statistical fidelity
+to BEiT's generator and to the official discrete rule."""
 
 from __future__ import annotations
 
 import math
 import random
-import warnings
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from skimage.measure import label
 
-from mixmask import masks as masks_mod
-from mixmask.masks import block_masks, discrete_masks, mask_ratio_reachable
+from mixmask.config import MASK_KINDS
+from mixmask.masks import (
+    MASK_GENERATORS,
+    block_masks,
+    check_mask_config,
+    discrete_exact_masks,
+    discrete_masks,
+    mask_ratio_reachable,
+)
 
 
 def beit_reference(rng: random.Random, g: int, target: int, *, inclusive_randint: bool = True) -> np.ndarray:
@@ -95,9 +104,7 @@ def _reference_masks(g: int, ratio, n: int, seed: int, **kwargs) -> np.ndarray:
 )
 def test_block_masks_match_beit_statistics(grid, ratio, n):
     gen = torch.Generator().manual_seed(grid * 1000 + n)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = _stats(block_masks(n, grid, ratio, generator=gen).numpy().astype(np.uint8))
+    ours = _stats(block_masks(n, grid, ratio, generator=gen).numpy().astype(np.uint8))
     ref = _stats(_reference_masks(grid, ratio, n, seed=grid))
     z = _worst_z(ours, ref)
     assert max(z.values()) < Z_LIMIT, z
@@ -119,12 +126,6 @@ def test_block_masks_contract_and_reproducibility():
     assert len({tuple(x.flatten().tolist()) for x in m}) > 50  # per-sample: masks differ
     again = block_masks(64, 8, 0.5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(m, again)
-
-
-def test_block_masks_per_batch_repeats_one_mask():
-    m = block_masks(16, 8, 0.5, generator=torch.Generator().manual_seed(3), per_sample=False)
-    assert m.shape == (16, 8, 8) and m.any()
-    assert (m == m[:1]).all()
 
 
 def test_ratio_range_is_sampled_per_sample():
@@ -149,35 +150,119 @@ def test_reachable_ratio_matches_direct_simulation():
     assert abs(mask_ratio_reachable(8, 0.5) - 0.5) < 0.02
 
 
-def test_unreachable_ratio_warns_once_with_the_achieved_fraction():
-    masks_mod._warned.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        block_masks(8, 2, 0.5)
-        block_masks(8, 2, 0.5)
-        block_masks(8, 8, 0.5)  # reachable: no warning
-    messages = [str(w.message) for w in caught]
-    assert len(messages) == 1, messages
-    assert "grid 2" in messages[0] and f"{mask_ratio_reachable(2, 0.5):.3f}" in messages[0]
+@pytest.mark.parametrize(
+    "kind, grid, ratio, words",
+    [
+        ("block", 2, 0.5, ("grid 2", "λ≈0.024", "use mask kind discrete or a grid >= 3")),
+        ("block", 3, 0.75, ("grid 3", "a grid >= 4")),
+        ("block", 2, (0.4, 0.6), ("grid 2",)),
+        ("discrete", 1, 0.5, ("grid 1", "grid >= 2")),
+        ("discrete_exact", 1, 0.5, ("grid 1", "grid >= 2")),
+        ("discrete", 4, 1.0, ("ratio below 1",)),
+        ("discrete", 4, (0.5, 1.0), ("ratio below 1",)),
+    ],
+)
+def test_impossible_mask_settings_are_refused_in_one_line(kind, grid, ratio, words):
+    with pytest.raises(ValueError) as info:
+        check_mask_config(kind, grid, ratio)
+    message = str(info.value)
+    assert "\n" not in message and all(word in message for word in words), message
+
+
+@pytest.mark.parametrize("kind, grid, ratio", [("block", 4, 0.5), ("block", 8, 0.5), ("block", 3, 0.5),
+                                               ("discrete", 2, 0.5), ("discrete_exact", 2, 0.99)])
+def test_reachable_mask_settings_pass(kind, grid, ratio):
+    check_mask_config(kind, grid, ratio)
+    if kind == "block":  # "reachable" means at least 80% of the ratio on average
+        assert mask_ratio_reachable(grid, ratio) >= 0.8 * ratio
+
+
+def test_every_configured_kind_has_a_generator():
+    assert tuple(MASK_GENERATORS) == MASK_KINDS
+
+
+def official_discrete_counts(rng: np.random.Generator, grid: int, ratio: float, n: int) -> np.ndarray:
+    """Own-cell counts of the official rule written out: `rand(g, g) > ratio`, redrawn while all 0 or all 1."""
+    counts = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        m = rng.random((grid, grid)) > ratio
+        while m.sum() == 0 or m.sum() == grid * grid:
+            m = rng.random((grid, grid)) > ratio
+        counts[i] = m.sum()
+    return counts
+
+
+def _count_z(ours: np.ndarray, ref: np.ndarray, cells: int) -> float:
+    """Largest z-score between two samples' frequencies of each own-cell count."""
+    worst = 0.0
+    for k in range(cells + 1):
+        p1, p2 = (ours == k).mean(), (ref == k).mean()
+        pooled = (p1 * len(ours) + p2 * len(ref)) / (len(ours) + len(ref))
+        se = math.sqrt(pooled * (1 - pooled) * (1 / len(ours) + 1 / len(ref))) + 1e-12
+        worst = max(worst, abs(p1 - p2) / se)
+    return worst
+
+
+@pytest.mark.parametrize("grid, ratio", [(2, 0.5), (2, 0.2), (3, 0.3), (4, 0.5), (3, 0.85)])
+def test_discrete_masks_follow_the_official_rule(grid, ratio):
+    n = 6000
+    m = discrete_masks(n, grid, ratio, generator=torch.Generator().manual_seed(grid * 10 + int(ratio * 100)))
+    ours = m.sum((1, 2)).numpy()
+    ref = official_discrete_counts(np.random.default_rng(grid), grid, ratio, n)
+    cells = grid * grid
+    assert ours.min() >= 1 and ours.max() <= cells - 1  # all-own and all-partner masks are redrawn
+    assert _count_z(ours, ref, cells) < Z_LIMIT
+    # Given the count, the own cells are uniform: every cell is own equally often.
+    marginal = m.float().mean(0)
+    assert (marginal - marginal.mean()).abs().max() < 5 * math.sqrt(0.25 / n)
+
+
+def test_count_comparison_detects_a_rule_without_the_redraw():
+    # The same comparison must reject plain Binomial counts (no redraw of all-own / all-partner masks).
+    rng = np.random.default_rng(3)
+    plain = (rng.random((6000, 2, 2)) > 0.5).sum((1, 2))
+    assert _count_z(plain, official_discrete_counts(rng, 2, 0.5, 6000), 4) > 3 * Z_LIMIT
+
+
+def test_discrete_masks_at_grid_2_take_the_three_official_lambdas():
+    # Binomial(4, 1/2) without 0 and 4: counts 1, 2, 3 with odds 4 : 6 : 4, mean 1/2.
+    m = discrete_masks(14000, 2, 0.5, generator=torch.Generator().manual_seed(8))
+    values, counts = m.float().mean((1, 2)).unique(return_counts=True)
+    assert values.tolist() == [0.25, 0.5, 0.75]
+    expected = np.array([4, 6, 4]) / 14 * 14000
+    assert np.abs(counts.numpy() - expected).max() < 5 * math.sqrt(14000 * (6 / 14) * (8 / 14))
+    # The ratio is the partner's probability (official `rand > ratio`): ratio 0.2 keeps about 80% own cells.
+    own = discrete_masks(4000, 8, 0.2, generator=torch.Generator().manual_seed(9)).float().mean()
+    assert abs(own.item() - 0.8) < 0.01
+
+
+def test_discrete_ratio_range_is_drawn_per_row():
+    m = discrete_masks(4000, 8, (0.1, 0.9), generator=torch.Generator().manual_seed(10))
+    own = m.float().mean((1, 2))
+    assert own.min() < 0.2 and own.max() > 0.8 and abs(own.mean().item() - 0.5) < 0.02
 
 
 @pytest.mark.parametrize("grid, ratio", [(2, 0.5), (2, 0.01), (2, 0.99), (8, 0.5), (14, 0.3), (8, (0.0, 1.0))])
-def test_discrete_masks_are_never_degenerate(grid, ratio):
-    m = discrete_masks(500, grid, ratio, generator=torch.Generator().manual_seed(5))
+def test_discrete_exact_masks_are_never_degenerate(grid, ratio):
+    m = discrete_exact_masks(500, grid, ratio, generator=torch.Generator().manual_seed(5))
     kept = m.sum((1, 2))
     assert m.shape == (500, grid, grid)
     assert (kept >= 1).all() and (kept <= grid * grid - 1).all()
 
 
-def test_discrete_masks_keep_exactly_k_uniform_cells():
+def test_discrete_exact_masks_keep_exactly_k_uniform_cells():
     n, grid = 4000, 8
-    m = discrete_masks(n, grid, 0.5, generator=torch.Generator().manual_seed(6))
+    m = discrete_exact_masks(n, grid, 0.5, generator=torch.Generator().manual_seed(6))
     assert (m.sum((1, 2)) == 32).all()
     marginal = m.float().mean(0)
     # Each cell kept with probability 1/2; 5 sigma of a binomial proportion.
     assert (marginal - 0.5).abs().max() < 5 * math.sqrt(0.25 / n)
-    one = discrete_masks(8, grid, 0.5, generator=torch.Generator().manual_seed(6), per_sample=False)
-    assert (one == one[:1]).all()
+
+
+def test_discrete_masks_are_reproducible_from_the_generator():
+    first = discrete_masks(64, 4, 0.5, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(first, discrete_masks(64, 4, 0.5, generator=torch.Generator().manual_seed(11)))
+    assert not torch.equal(first, discrete_masks(64, 4, 0.5, generator=torch.Generator().manual_seed(12)))
 
 
 def test_masks_benchmark_rows_pair_ours_with_the_official_path():
@@ -194,3 +279,26 @@ def test_masks_benchmark_rows_pair_ours_with_the_official_path():
     # The official-path generator is BEiT too: same mean kept fraction as the library at grid 8.
     official_masks = np.stack([OfficialMaskingGenerator(8, 0.5, seed)() for seed in range(300)])
     assert abs(official_masks.mean() - mask_ratio_reachable(8, 0.5)) < 0.01
+
+
+def test_config_refuses_unreachable_masks_before_any_work(tmp_path, repo_root):
+    from mixmask.config_cli import resolve
+    from mixmask.errors import UserError
+
+    with pytest.raises(UserError, match="mask.kind=block at mask.grid_size=2: .*use mask kind discrete"):
+        resolve("demo", None, ["mask.kind=block", "mask.grid_size=2"])
+    with pytest.raises(UserError, match="mask.grid_size=1"):
+        resolve("demo", None, ["mask.kind=discrete", "mask.grid_size=1"])
+    with pytest.raises(UserError, match="mask.grid_size=40 is larger than data.resolution=32"):
+        resolve("demo", None, ["mask.grid_size=40"])
+    assert resolve("demo", None, ["mask.kind=discrete", "mask.grid_size=2"]).mask.share == "pair"
+    assert resolve("demo", None, ["method.branch=unmix", "mask.kind=block", "mask.grid_size=2"])  # no grid mask
+    done = subprocess.run(
+        [sys.executable, "train.py", "--preset", "demo", "--print-config", "mask.kind=block", "mask.grid_size=2",
+         f"run.out_dir={tmp_path / 'run'}"],
+        cwd=repo_root, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: mask.kind=block at mask.grid_size=2"), done.stderr
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mixmask.backbones import SplitBatchNorm2d
 from mixmask.errors import UserError
 from mixmask.losses import byol_regression, info_nce, negative_cosine
 from mixmask.methods import BRANCH_KINDS, METHODS, build_method
@@ -194,6 +195,29 @@ def test_moco_v1_has_a_linear_head():
     assert isinstance(make_method("moco", version=1).head, nn.Linear)
     with pytest.raises(ValueError, match="version"):
         make_method("moco", version=3)
+
+
+def test_moco_split_bn_makes_both_encoders_split_and_shuffles_keys_across_splits():
+    method = make_method("moco", bn_splits=2)
+    split = [m for m in method.modules() if isinstance(m, SplitBatchNorm2d)]
+    assert len(split) == 4 and all(m.num_splits == 2 for m in split)  # 2 in the query encoder, 2 in the key one
+    assert method.backbone.state_dict().keys() == tiny_backbone()[0].state_dict().keys()
+    x1, x2 = views(batch=8)
+    twin = copy.deepcopy(method)
+    torch.manual_seed(5)
+    keys = method.encode_key(x2)
+    # reference: the single-GPU shuffle of the MoCo CIFAR demo, keys of the permuted batch, then unpermuted
+    torch.manual_seed(5)
+    perm = torch.randperm(8)
+    with torch.no_grad():
+        expected = F.normalize(twin.head_k(twin.backbone_k(x2[perm])), dim=1)[torch.argsort(perm)]
+        unshuffled = F.normalize(twin.head_k(twin.backbone_k(x2)), dim=1)
+    torch.testing.assert_close(keys, expected)
+    assert not torch.allclose(keys, unshuffled, atol=1e-4)  # with split BN the order of the batch matters
+    out = method(x1, x2)
+    assert torch.isfinite(out["loss"])
+    with pytest.raises(ValueError, match="exclusive"):
+        make_method("moco", bn_splits=2, sync_bn=True)
 
 
 def test_byol_after_step_moves_target_by_cosine_tau():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -47,6 +48,34 @@ def test_no_weight_decay_on_biases_and_norms():
     for name in ("sgd", "adam", "adamw", "lars"):
         opt = build_optimizer(name, model, lr=0.1, weight_decay=0.1)
         assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_decay_norm_and_bias_steps_like_the_official_optimizer_over_every_parameter(name):
+    """decay_norm_and_bias=True is the official `SGD(model.parameters(), weight_decay=wd)` (Adam: W-MSE's l2)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(64, 2))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-1, 1)
+    official = copy.deepcopy(model)
+    ours = build_optimizer(name, model, lr=0.1, weight_decay=0.05, decay_norm_and_bias=True)
+    cls = torch.optim.SGD if name == "sgd" else torch.optim.Adam
+    extra = {"momentum": 0.9} if name == "sgd" else {}
+    reference = cls(official.parameters(), lr=0.1, weight_decay=0.05, **extra)
+    x = torch.randn(2, 3, 6, 6)
+    excluded = copy.deepcopy(official)  # the default: biases and norms do not decay
+    default = build_optimizer(name, excluded, lr=0.1, weight_decay=0.05)
+    for net, opt in ((model, ours), (official, reference), (excluded, default)):
+        for _ in range(2):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    for p, q in zip(model.parameters(), official.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    assert not torch.allclose(excluded[1].weight, official[1].weight)
+    assert [g["weight_decay"] for g in ours.param_groups] == [0.05, 0.05]
 
 
 def test_lars_step_matches_reference():

@@ -292,3 +292,32 @@ def test_torchrun_resume_is_bit_identical(repo_root, tmp_path):
     b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=False)["method"]
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_unshard_of_webdataset_eval_shares_equals_one_rank(tmp_path, backend):
+    """Shards are read in contiguous shares padded at their ends: unsharding 2 ranks gives the 1-rank epoch."""
+    from mixmask.evaluation import unshard
+    from pipelines.convert import convert
+    from pipelines.loaders import build_eval_loader
+
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    convert("synthetic", tmp_path / "odd", num_images=41, num_classes=3, resolution=16, out_format="wds",
+            shard_samples=10, workers=1)
+
+    def epoch(rank: int, world_size: int):
+        loader = build_eval_loader(backend, source="synthetic", path=str(tmp_path / "odd"), split="train",
+                                   resolution=16, batch_size_per_rank=8, train_aug=False, rank=rank,
+                                   world_size=world_size, workers=1, device=torch.device("cpu"))
+        images, labels = zip(*loader)
+        return torch.cat(images), torch.cat(labels), loader
+
+    x1, y1, single = epoch(0, 1)
+    shares = [epoch(r, 2) for r in (0, 1)]
+    x2, y2 = torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
+    loader = shares[0][2]
+    assert (loader.num_samples, loader.rank_layout, x2.shape[0]) == (41, "contiguous", 42)
+    assert torch.equal(unshard(y2, 2, 41, loader.rank_layout), y1)
+    assert not torch.equal(unshard(x2, 2, 41, "strided"), x1)  # the other layout would keep a duplicate
+    assert torch.equal(unshard(x2, 2, 41, loader.rank_layout), x1)

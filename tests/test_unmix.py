@@ -117,3 +117,14 @@ def test_invalid_arguments():
         sample_beta(0.0)
     with pytest.raises(ValueError, match="probability"):
         unmix(torch.zeros(2, 3, 4, 4), reverse_permutation(2), mixup_prob=1.5)
+
+
+@pytest.mark.parametrize("mixup_prob", [0.0, 1.0])
+def test_odd_batch_middle_sample_is_itself_with_lambda_one(mixup_prob):
+    # The reverse pairing of 5 fixes sample 2: mixup or cutmix with itself leaves it unchanged, all its own pixels.
+    images = torch.randn(5, 3, 12, 12, generator=torch.Generator().manual_seed(10))
+    mixed, lam = unmix(images, reverse_permutation(5), mixup_prob=mixup_prob,
+                       generator=torch.Generator().manual_seed(11))
+    assert torch.equal(mixed[2], images[2]) and lam[2].item() == 1.0
+    others = lam[torch.tensor([0, 1, 3, 4])]
+    assert (others == others[0]).all() and others[0].item() < 1.0

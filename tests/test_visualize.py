@@ -7,8 +7,11 @@ import sys
 
 import matplotlib.image as mpimg
 import numpy as np
+import torch
 
-from mixmask.visualize import render_mask_figure, sample_photographs
+from mixmask.masks import discrete_masks
+from mixmask.mixing import upsample_masks
+from mixmask.visualize import mixed_and_switched, render_mask_figure, sample_photographs
 
 
 def test_photographs_are_real_and_distinct():
@@ -16,6 +19,16 @@ def test_photographs_are_real_and_distinct():
     assert photos.shape == (2, 3, 64, 64)
     assert 0.0 <= photos.min() and photos.max() <= 1.0
     assert photos.std() > 0.1 and (photos[0] - photos[1]).abs().mean() > 0.1
+
+
+def test_figure_pairs_show_the_mixed_and_the_switched_image():
+    photos = sample_photographs(40)
+    mask = discrete_masks(1, 3, 0.5, generator=torch.Generator().manual_seed(1))[0]
+    mixed, switched, lam = mixed_and_switched(photos, mask)
+    keep = upsample_masks(mask[None], 40, 40)[0]  # (1, H, W), 3 cells over 40 px: a grid that does not divide
+    assert torch.equal(mixed, torch.where(keep, photos[0], photos[1]))
+    assert torch.equal(switched, torch.where(keep, photos[1], photos[0]))
+    assert lam == keep.float().mean().item()
 
 
 def test_render_writes_one_row_per_grid(tmp_path):

@@ -27,12 +27,16 @@ def _endless(loader) -> Iterator[TwoViewBatch]:
 
 def run_loader_bench(backend: str, *, source: str, path: str | None, resolution: int, batch_size: int, workers: int,
                      recipe: str | tuple[AugSpec, AugSpec], device: torch.device | str, warmup_batches: int = 5,
-                     batches: int = 20, repeats: int = 5, seed: int = 0, synthetic: dict | None = None) -> list[dict]:
-    """Time `repeats` runs of `batches` two-view batches after `warmup_batches`; one protocol row."""
+                     batches: int = 20, repeats: int = 5, seed: int = 0, synthetic: dict | None = None,
+                     storage: str | None = None, shuffle_buffer: int = 4096) -> list[dict]:
+    """Time `repeats` runs of `batches` two-view batches after `warmup_batches`; one protocol row.
+
+    `storage` (beton, folder, arrays, wds) goes into the row's name when several forms of the data are compared.
+    """
     device = torch.device(device)
     loader = build_two_view_loader(backend, source=source, path=path, resolution=resolution,
                                    batch_size_per_rank=batch_size, recipe=recipe, rank=0, world_size=1, seed=seed,
-                                   workers=workers, device=device, synthetic=synthetic)
+                                   workers=workers, device=device, synthetic=synthetic, shuffle_buffer=shuffle_buffer)
     stream = _endless(loader)
 
     def run() -> None:
@@ -43,9 +47,11 @@ def run_loader_bench(backend: str, *, source: str, path: str | None, resolution:
 
     for _ in range(warmup_batches):
         next(stream)
-    m = measure(f"loader/{backend}/{resolution}px", run, items_per_call=batches * batch_size, warmup=0,
+    label = f"{backend}+{storage}" if storage else backend
+    m = measure(f"loader/{label}/{resolution}px", run, items_per_call=batches * batch_size, warmup=0,
                 repeats=repeats, device="cpu")  # wall clock: the loader's CPU work is what is measured
     stream.close()  # ends the epoch in flight, so the backend's threads stop before the next backend starts
     recipe_name = recipe if isinstance(recipe, str) else "custom"
+    extra = {"storage": storage} if storage else {}
     return [m.row(backend=backend, source=source, resolution=resolution, batch_size=batch_size, workers=workers,
-                  recipe=recipe_name, device=str(device), views_per_s=2 * m.images_per_s)]
+                  recipe=recipe_name, device=str(device), views_per_s=2 * m.images_per_s, **extra)]

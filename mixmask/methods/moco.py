@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixmask import distributed
+from mixmask.backbones import split_batchnorm_
 from mixmask.losses import info_nce, info_nce_soft
 from mixmask.methods.base import SiameseMethod, frozen_copy, momentum_update_
 from mixmask.methods.heads import mlp
@@ -28,8 +29,13 @@ class MoCo(SiameseMethod):
     after the loss, so a step never contrasts against its own keys.
 
     Shuffle-BN (default) permutes the key batch across ranks so the key encoder's per-device BN statistics do not
-    leak which samples are positives; it is the identity in a single process. `sync_bn=True` converts both encoders
-    to SyncBatchNorm instead (shuffling then is redundant; turn it off with `shuffle_bn=False`).
+    leak which samples are positives. `sync_bn=True` converts both encoders to SyncBatchNorm instead (shuffling then
+    is redundant; turn it off with `shuffle_bn=False`).
+
+    In one process, plain BN sees the whole batch and shuffling changes nothing; `bn_splits=S` (the MoCo CIFAR
+    recipe: the MoCo authors' CIFAR demo and the Un-Mix CIFAR code, S = 8) makes both encoders' BatchNorm2d
+    split BatchNorm, statistics over S chunks as on S devices, and shuffle-BN then permutes the key batch within
+    the process so a key's chunk holds other samples than its query's.
     """
 
     def __init__(
@@ -45,13 +51,18 @@ class MoCo(SiameseMethod):
         temperature: float = 0.1,
         shuffle_bn: bool = True,
         sync_bn: bool = False,
+        bn_splits: int = 1,
     ) -> None:
         super().__init__()
         if version not in (1, 2):
             raise ValueError(f"moco version must be 1 (linear head) or 2 (MLP head), got {version}")
+        if sync_bn and bn_splits > 1:
+            raise ValueError("moco: sync_bn and bn_splits > 1 are exclusive (one normalises across devices, the "
+                             "other within one)")
         if sync_bn:
             backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
-        self.backbone = backbone
+        self.backbone = split_batchnorm_(backbone, bn_splits)
+        self.bn_splits = bn_splits
         if version == 1:
             self.head: nn.Module = nn.Linear(feature_dim, dim)
         else:
@@ -79,9 +90,15 @@ class MoCo(SiameseMethod):
         Shape:
             images: (B, 3, H, W) → (B, dim)
         """
+        local_shuffle = self.shuffle_bn and self.bn_splits > 1
         if self.shuffle_bn:
             images, idx_unshuffle = distributed.batch_shuffle(images)
+        if local_shuffle:  # the CIFAR demo's single-GPU shuffle: keys land in other BN splits than their queries
+            local_perm = torch.randperm(images.shape[0], device=images.device)
+            images = images[local_perm]
         k = F.normalize(self.head_k(self.backbone_k(images)).float(), dim=1)
+        if local_shuffle:
+            k = k[torch.argsort(local_perm)]
         if self.shuffle_bn:
             k = distributed.batch_unshuffle(k, idx_unshuffle)
         return k

@@ -18,8 +18,9 @@ class SimSiam(SiameseMethod):
     """SimSiam: `L_orig = ½ mean_i D(p1_i, sg(z2_i)) + ½ mean_i D(p2_i, sg(z1_i))`, D = −cos (paper Eq. 2).
 
     Mixed term (images are mixed view 1): the mixed prediction regresses to sg(z2_i) and sg(z2_π(i)) with weights
-    λ_i and 1 − λ_i, in the units of one direction D. Projector: `proj_layers` Linear-BN-ReLU blocks ending in BN
-    (3 for ImageNet, 2 in the paper's CIFAR setting); predictor: bottleneck `pred_hidden_dim`.
+    λ_i and 1 − λ_i, in the units of one direction D. Projector: `proj_layers` Linear-BN-ReLU blocks of width
+    `proj_hidden_dim` (default: `proj_dim`, the SimSiam paper's 2048/2048) ending in BN (3 for ImageNet, 2 in the
+    paper's CIFAR setting); predictor: hidden width `pred_hidden_dim`.
     """
 
     def __init__(
@@ -28,12 +29,14 @@ class SimSiam(SiameseMethod):
         backbone: nn.Module,
         feature_dim: int,
         proj_dim: int = 2048,
+        proj_hidden_dim: int | None = None,
         proj_layers: int = 3,
         pred_hidden_dim: int = 512,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = mlp(feature_dim, proj_dim, proj_dim, num_layers=proj_layers, last_bn=True)
+        self.projector = mlp(feature_dim, proj_hidden_dim or proj_dim, proj_dim, num_layers=proj_layers,
+                             last_bn=True)
         self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim)
 
     def original_loss(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,13 +6,15 @@
     len(loader)                      # steps per epoch, the same on every rank
 
 `path` is the `.beton` for ffcv, and for dali / torchvision the folder `pipelines.sources.open_source` reads
-(ImageFolder split folder, tiny-imagenet-200 root, CIFAR root); the synthetic source needs no path (its images are
+(ImageFolder split folder, tiny-imagenet-200 root, CIFAR root) or webdataset shards (`pipelines.loaders.wds_shards`:
+DALI's reader, or the `webdataset` package as the reference); the synthetic source needs no path (its images are
 generated from the `synthetic` keyword arguments). Backends are imported on first use: ffcv and DALI are heavy.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +25,7 @@ import torch
 from mixmask.errors import UserError, choice_error
 from mixmask.types import TwoViewBatch
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX, AugSpec, resolve
+from pipelines.loaders.wds_shards import build_shard_loader, is_shard_path
 
 # backend name -> (module, two-view class, eval class or None)
 BACKENDS: dict[str, tuple[str, str, str | None]] = {
@@ -79,6 +82,19 @@ def open_split(source: str, path: str | None, split: str, synthetic: dict | None
     return SplitImages(files, None, labels, list(src.class_names))
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask, which cgroups, SLURM and taskset narrow."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # platforms without affinity masks
+        return os.cpu_count() or 1
+
+
+def fit_workers(workers: int) -> int:
+    """`workers` capped at the usable cores: FFCV's numba threads cannot exceed them, and more only contend."""
+    return min(workers, usable_cores())
+
+
 def _backend(backend: str, kind: int) -> Any:
     if backend not in BACKENDS:
         raise choice_error("loader backend", backend, BACKENDS)
@@ -93,19 +109,26 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
                           world_size: int, seed: int, workers: int, device: torch.device,
                           dtype: torch.dtype = torch.float32, channels_last: bool = True, drop_last: bool = True,
                           os_cache: bool = True, batches_ahead: int = 2,
-                          synthetic: dict | None = None) -> TwoViewLoader:
-    """A loader of `TwoViewBatch`es for this rank's shard; see the module docstring."""
-    cls = _backend(backend, 0)
+                          synthetic: dict | None = None, shuffle_buffer: int = 4096,
+                          shard_url: str = "", max_bad_fraction: float = 0.01) -> TwoViewLoader:
+    """A loader of `TwoViewBatch`es for this rank's shard; see the module docstring.
+
+    dali / torchvision skip unreadable files and stop past `max_bad_fraction` of an epoch (`bad_files` lists them).
+    """
+    cls = None if is_shard_path(path) else _backend(backend, 0)  # shards: the backend's shard reader
     if batch_size_per_rank < 1:
         raise UserError(f"batch_size_per_rank must be >= 1, got {batch_size_per_rank}")
     views = resolve(recipe, resolution)
     common = dict(resolution=resolution, batch_size_per_rank=batch_size_per_rank, views=views, rank=rank,
-                  world_size=world_size, seed=seed, workers=workers, device=torch.device(device), dtype=dtype,
+                  world_size=world_size, seed=seed, workers=fit_workers(workers), device=torch.device(device),
+                  dtype=dtype,
                   channels_last=channels_last, drop_last=drop_last, batches_ahead=batches_ahead)
-    if backend == "ffcv":
+    if is_shard_path(path):
+        loader = build_shard_loader(backend, 0, path, split, shuffle_buffer, shard_url, **common)
+    elif backend == "ffcv":
         loader = cls(path, os_cache=os_cache, **common)
     else:
-        loader = cls(open_split(source, path, split, synthetic), **common)
+        loader = cls(open_split(source, path, split, synthetic), max_bad_fraction=max_bad_fraction, **common)
     if len(loader) == 0:
         raise UserError(f"batch_size_per_rank={batch_size_per_rank} x world_size={world_size} exceeds the "
                         f"{source} {split} split: no full batch per epoch")
@@ -117,21 +140,26 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
                       device: torch.device, seed: int = 0, dtype: torch.dtype = torch.float32,
                       channels_last: bool = True, mean: tuple[float, float, float] = IMAGENET_MEAN,
                       std: tuple[float, float, float] = IMAGENET_STD, os_cache: bool = True, batches_ahead: int = 2,
-                      synthetic: dict | None = None) -> Any:
+                      synthetic: dict | None = None, shuffle_buffer: int = 4096, shard_url: str = "",
+                      max_bad_fraction: float = 0.01) -> Any:
     """Single-view (images, labels) batches, no drop_last: RRC + flip if `train_aug`, else (resize +) centre crop.
 
     With world_size > 1 the last shard is padded by wrapping (DistributedSampler semantics); the loader's
     `num_samples` (the split's size) and `rank_layout` (`strided`, or `contiguous` for webdataset shards) let
     `mixmask.evaluation.unshard` drop the duplicates after a gather.
     """
-    cls = _backend(backend, 1)
+    cls = None if is_shard_path(path) else _backend(backend, 1)
     common = dict(resolution=resolution, batch_size_per_rank=batch_size_per_rank, train_aug=train_aug, rank=rank,
-                  world_size=world_size, workers=workers, device=torch.device(device), seed=seed, mean=mean,
+                  world_size=world_size, workers=fit_workers(workers), device=torch.device(device), seed=seed,
+                  mean=mean,
                   std=std, dtype=dtype, channels_last=channels_last, batches_ahead=batches_ahead,
                   small=resolution <= SMALL_IMAGE_MAX)
+    if is_shard_path(path):
+        return build_shard_loader(backend, 1, path, split, shuffle_buffer, shard_url, **common)
     if backend == "ffcv":
         return cls(path, os_cache=os_cache, **common)
-    return cls(open_split(source, path, split, synthetic), **common)
+    return cls(open_split(source, path, split, synthetic), max_bad_fraction=max_bad_fraction, **common)
 
 
-__all__ = ["BACKENDS", "SplitImages", "TwoViewLoader", "build_eval_loader", "build_two_view_loader", "open_split"]
+__all__ = ["BACKENDS", "SplitImages", "TwoViewLoader", "build_eval_loader", "build_two_view_loader", "fit_workers",
+           "open_split", "usable_cores"]

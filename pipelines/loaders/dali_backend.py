@@ -6,8 +6,11 @@ ops, flips and normalisation inside DALI → torch tensors on the device.
   the shard and the step count match the other backends exactly. This sidesteps `fn.readers.file`'s sharding
   (which NVIDIA's examples key on the local rank) and its epoch bookkeeping, where DROP + reset makes the reader
   spill into, or skip, the next epoch's samples.
+- Unreadable files. DALI's decoder fails a whole batch without naming the file, so each file is checked before it
+  is fed (header parse, JPEG end marker; `pipelines.loaders.bad_files`): a bad one is replaced by the next
+  readable file and listed in `bad_files` for the epoch.
 - Decoding. `fn.decoders.image` runs on "mixed" (nvJPEG) when the device is CUDA and on "cpu" otherwise; the rest of
-  the graph is identical. Arrays skip the decoder.
+  the graph is identical. Arrays skip the decoder and are moved to the GPU when the device is CUDA.
 - One DALI pipeline per epoch, seeded from (seed, epoch, rank): each epoch's draws are reproducible for resume,
   and an abandoned epoch (max_steps) leaves nothing queued for the next one.
 - Photometric ops in DALI, per sample, applied by arithmetic with coin flips rather than branches (identity factors
@@ -27,9 +30,11 @@ from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.tensors import TensorListGPU
 
+from mixmask.errors import UserError
 from mixmask.types import TwoViewBatch
 from pipelines.augment import AugSpec
 from pipelines.loaders import SplitImages
+from pipelines.loaders.bad_files import BadFileTally, encoded_bytes, first_readable
 from pipelines.loaders.sharding import batch_seed, check_rank, epoch_order, steps_per_epoch
 
 _LUMA = (0.2989, 0.587, 0.114)
@@ -98,8 +103,26 @@ def _view_graph(images, spec: AugSpec, resolution: int, mirror_out: bool):
 class _EpochSource:
     """Yields this rank's batches of one epoch: (encoded files or HWC arrays, labels, indices)."""
 
-    def __init__(self, split: SplitImages, order: np.ndarray, batch_size: int, steps: int) -> None:
+    def __init__(self, split: SplitImages, order: np.ndarray, batch_size: int, steps: int,
+                 tally: BadFileTally) -> None:
         self.split, self.order, self.batch_size, self.steps = split, order, batch_size, steps
+        self.tally = tally
+        self.error: Exception | None = None  # DALI wraps what a source raises; the loader re-raises this
+
+    def _files(self, idx: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Encoded bytes of each sample (an unreadable file replaced by the next readable one) and their labels."""
+        data, labels = [], []
+        for i in idx:
+            read, encoded, skipped = first_readable(self.split.files, int(i), encoded_bytes)
+            for path, reason in skipped:
+                try:
+                    self.tally.add(path, reason)
+                except Exception as err:
+                    self.error = err
+                    raise
+            data.append(encoded)
+            labels.append(self.split.labels[read])
+        return data, np.asarray(labels, dtype=np.int64)
 
     def __iter__(self):
         for step in range(self.steps):
@@ -107,10 +130,10 @@ class _EpochSource:
             if len(idx) < self.batch_size:  # no drop_last: repeat the epoch's start so the batch is full
                 idx = np.concatenate([idx, self.order[: self.batch_size - len(idx)]])
             if self.split.images is not None:
-                data = [self.split.images[i] for i in idx]
+                data, labels = [self.split.images[i] for i in idx], self.split.labels[idx]
             else:
-                data = [np.fromfile(self.split.files[i], dtype=np.uint8) for i in idx]
-            yield data, self.split.labels[idx], idx.astype(np.int64)
+                data, labels = self._files(idx)
+            yield data, labels, idx.astype(np.int64)
 
 
 def _to_torch(out, device: torch.device) -> torch.Tensor:
@@ -127,13 +150,20 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
 
 class _DALIBase:
     def __init__(self, split: SplitImages, *, batch_size_per_rank: int, rank: int, world_size: int, seed: int,
-                 workers: int, device: torch.device, drop_last: bool, batches_ahead: int, shuffle: bool) -> None:
+                 workers: int, device: torch.device, drop_last: bool, batches_ahead: int, shuffle: bool,
+                 max_bad_fraction: float = 0.01) -> None:
         check_rank(rank, world_size)
         self.split, self.batch_size, self.rank, self.world_size = split, batch_size_per_rank, rank, world_size
         self.seed, self.workers, self.device, self.shuffle = seed, max(1, workers), torch.device(device), shuffle
         self.batches_ahead, self.drop_last = max(1, batches_ahead), drop_last
         self.steps = steps_per_epoch(len(split), world_size, batch_size_per_rank, drop_last)
         self.epoch = 0
+        self.tally = BadFileTally(max_bad_fraction, -(-len(split) // world_size))
+
+    @property
+    def bad_files(self) -> list[tuple[str, str]]:
+        """(path, reason) of the unreadable files skipped in the current (or last) epoch."""
+        return list(self.tally.files.items())
 
     def __len__(self) -> int:
         return self.steps
@@ -147,12 +177,15 @@ class _DALIBase:
         if self.split.images is None:
             data = fn.decoders.image(data, device="mixed" if self.device.type == "cuda" else "cpu",
                                      output_type=types.RGB)
+        elif self.device.type == "cuda":
+            data = data.gpu()  # arrays: DALI copies them (pinned staging) so the whole graph runs on the GPU
         return data, labels, index
 
     def _run_epoch(self, build_outputs) -> Iterator[list[torch.Tensor]]:
         order = epoch_order(len(self.split), rank=self.rank, world_size=self.world_size, seed=self.seed,
                             epoch=self.epoch, shuffle=self.shuffle)
-        source = _EpochSource(self.split, order, self.batch_size, self.steps)
+        self.tally.start_epoch(self.epoch)
+        source = _EpochSource(self.split, order, self.batch_size, self.steps, self.tally)
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.workers,
                         device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
                         seed=batch_seed(self.seed, self.epoch, self.rank) % (2**31),
@@ -162,7 +195,16 @@ class _DALIBase:
         pipe.build()
         try:
             for _ in range(self.steps):
-                outputs = pipe.run()
+                try:
+                    outputs = pipe.run()
+                except Exception as err:
+                    if source.error is not None:  # our one-line error, not DALI's wrapper around it
+                        raise source.error from None
+                    if self.split.files is None:
+                        raise
+                    raise UserError(f"DALI could not decode an image of epoch {self.epoch + 1} "
+                                    f"({(str(err).strip().splitlines() or ['?'])[0][:200]}); list the damaged "
+                                    "files with python -m pipelines.convert imagefolder ... and remove them") from None
                 yield [_to_torch(out, self.device) for out in outputs]
         finally:
             del pipe
@@ -174,10 +216,10 @@ class DALITwoViewLoader(_DALIBase):
     def __init__(self, split: SplitImages, *, resolution: int, batch_size_per_rank: int,
                  views: tuple[AugSpec, AugSpec], rank: int, world_size: int, seed: int, workers: int,
                  device: torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = True,
-                 drop_last: bool = True, batches_ahead: int = 2) -> None:
+                 drop_last: bool = True, batches_ahead: int = 2, max_bad_fraction: float = 0.01) -> None:
         super().__init__(split, batch_size_per_rank=batch_size_per_rank, rank=rank, world_size=world_size,
                          seed=seed, workers=workers, device=device, drop_last=drop_last,
-                         batches_ahead=batches_ahead, shuffle=True)
+                         batches_ahead=batches_ahead, shuffle=True, max_bad_fraction=max_bad_fraction)
         self.views, self.resolution, self.dtype, self.channels_last = views, resolution, dtype, channels_last
 
     def _graph(self, images, labels, index):
@@ -198,10 +240,10 @@ class DALIEvalLoader(_DALIBase):
     def __init__(self, split: SplitImages, *, resolution: int, batch_size_per_rank: int, train_aug: bool, rank: int,
                  world_size: int, workers: int, device: torch.device, seed: int = 0,
                  mean: tuple[float, float, float], std: tuple[float, float, float], dtype: torch.dtype,
-                 channels_last: bool, batches_ahead: int = 2, small: bool) -> None:
+                 channels_last: bool, batches_ahead: int = 2, small: bool, max_bad_fraction: float = 0.01) -> None:
         super().__init__(split, batch_size_per_rank=batch_size_per_rank, rank=rank, world_size=world_size,
                          seed=seed, workers=workers, device=device, drop_last=False, batches_ahead=batches_ahead,
-                         shuffle=train_aug)
+                         shuffle=train_aug, max_bad_fraction=max_bad_fraction)
         self.resolution, self.train_aug, self.small, self.dtype = resolution, train_aug, small, dtype
         self.mean, self.std, self.channels_last = mean, std, channels_last
         self.count = -(-len(split) // world_size)  # samples per rank; the last batch is trimmed to it

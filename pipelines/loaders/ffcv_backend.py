@@ -169,8 +169,25 @@ class IndexDecoder(IntDecoder):
 
 
 def _check_path(path: str | None) -> str:
+    """`path` once it reads as a whole `.beton` (header, fields, metadata, allocation table); else one UserError."""
     if path is None or not Path(path).is_file():
         raise UserError(f"the ffcv backend needs an existing .beton file (data.path), got {path!r}")
+    from ffcv.reader import Reader
+
+    size = Path(path).stat().st_size
+    try:
+        reader = Reader(str(path))
+        table = reader.alloc_table
+        problem = ("it holds no samples" if reader.num_samples == 0
+                   else "it is truncated" if len(reader.metadata) < reader.num_samples or len(table) == 0
+                   or int((table["ptr"] + table["size"]).max()) > size
+                   else None if {"image", "label"} <= set(reader.field_names)
+                   else f"its fields are {reader.field_names}, not image and label")
+    except Exception as err:  # ffcv's reader fails in many ways on empty, cut or foreign files
+        problem = "it is empty" if size == 0 else f"it is truncated or not a .beton ({type(err).__name__})"
+    if problem:
+        raise UserError(f"{path} cannot be read as a .beton: {problem}; write it again with python -m "
+                        "pipelines.convert ... --out FILE.beton --overwrite")
     return str(path)
 
 

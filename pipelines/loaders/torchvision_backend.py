@@ -5,7 +5,8 @@ Per image, as `main_moco.py` does: RandomResizedCrop → RandomApply(ColorJitter
 RandomApply(GaussianBlur, PIL radius = σ) → RandomSolarize (BYOL) → RandomHorizontalFlip → ToTensor → Normalize.
 Reproducibility: the sampler hands each worker (index, epoch) and the sample's two views are drawn from a torch
 seed derived from (seed, epoch, index), so a seed gives the same batches whatever the worker count and a resumed
-run repeats its epoch.
+run repeats its epoch. An unreadable file is replaced by the next readable one and listed in `bad_files` for the
+epoch (`pipelines.loaders.bad_files`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torchvision import transforms as T
 from mixmask.types import TwoViewBatch
 from pipelines.augment import AugSpec
 from pipelines.loaders import SplitImages
+from pipelines.loaders.bad_files import BadFileTally, first_readable
 from pipelines.loaders.sharding import check_rank, epoch_order, steps_per_epoch
 
 
@@ -64,20 +66,29 @@ class _SplitDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def _image(self, index: int) -> Image.Image:
+    def _image(self, index: int) -> tuple[Image.Image, int, str]:
+        """(image, index of the file read, skipped files as 'path\treason' lines) for sample `index`."""
         if self.split.images is not None:
-            return Image.fromarray(self.split.images[index])
-        with open(self.split.files[index], "rb") as f:
-            return Image.open(f).convert("RGB")
+            return Image.fromarray(self.split.images[index]), index, ""
+        from pipelines.sources import decode_file
+
+        read, pixels, skipped = first_readable(self.split.files, index, decode_file)
+        return Image.fromarray(pixels), read, "".join(f"{path}\t{reason}\n" for path, reason in skipped)
 
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
-        img = self._image(index)
+        img, read, skipped = self._image(index)
         # A private torch stream per sample: the draws depend on (seed, epoch, index) only.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_sample_seed(self.seed, epoch, index))
             views = [t(img) for t in self.transforms]
-        return (*views, int(self.split.labels[index]), index)
+        return (*views, int(self.split.labels[read]), index, skipped)
+
+
+def _tally(tally: BadFileTally, skipped: list[str]) -> None:
+    for lines in skipped:
+        for line in lines.splitlines():
+            tally.add(*line.split("\t", 1))
 
 
 class _EpochSampler(Sampler):
@@ -119,11 +130,12 @@ class TorchvisionTwoViewLoader:
     def __init__(self, split: SplitImages, *, resolution: int, batch_size_per_rank: int,
                  views: tuple[AugSpec, AugSpec], rank: int, world_size: int, seed: int, workers: int,
                  device: torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = True,
-                 drop_last: bool = True, batches_ahead: int = 2) -> None:
+                 drop_last: bool = True, batches_ahead: int = 2, max_bad_fraction: float = 0.01) -> None:
         check_rank(rank, world_size)
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         self.steps = steps_per_epoch(len(split), world_size, batch_size_per_rank, drop_last)
         self.sampler = _EpochSampler(len(split), rank=rank, world_size=world_size, seed=seed, shuffle=True)
+        self.tally = BadFileTally(max_bad_fraction, len(self.sampler))
         dataset = _SplitDataset(split, [pil_transform(v, resolution) for v in views], seed)
         self.loader = _data_loader(dataset, self.sampler, batch_size_per_rank, workers, device, drop_last,
                                    batches_ahead)
@@ -134,8 +146,15 @@ class TorchvisionTwoViewLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
 
+    @property
+    def bad_files(self) -> list[tuple[str, str]]:
+        """(path, reason) of the unreadable files skipped in the current (or last) epoch."""
+        return list(self.tally.files.items())
+
     def __iter__(self) -> Iterator[TwoViewBatch]:
-        for view1, view2, labels, index in self.loader:
+        self.tally.start_epoch(self.sampler.epoch)
+        for view1, view2, labels, index, skipped in self.loader:
+            _tally(self.tally, skipped)
             yield TwoViewBatch(_to_device(view1, self.device, self.dtype, self.channels_last),
                                _to_device(view2, self.device, self.dtype, self.channels_last),
                                labels.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
@@ -147,7 +166,7 @@ class TorchvisionEvalLoader:
     def __init__(self, split: SplitImages, *, resolution: int, batch_size_per_rank: int, train_aug: bool, rank: int,
                  world_size: int, workers: int, device: torch.device, seed: int = 0,
                  mean: tuple[float, float, float], std: tuple[float, float, float], dtype: torch.dtype,
-                 channels_last: bool, batches_ahead: int = 2, small: bool) -> None:
+                 channels_last: bool, batches_ahead: int = 2, small: bool, max_bad_fraction: float = 0.01) -> None:
         check_rank(rank, world_size)
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         if train_aug:
@@ -161,6 +180,7 @@ class TorchvisionEvalLoader:
         self.num_samples = len(split)  # the split's size: the gathered epoch beyond it is padding
         self.rank_layout = "strided"  # rank r reads positions r, r + W, ... (`pipelines.loaders.sharding`)
         self.sampler = _EpochSampler(len(split), rank=rank, world_size=world_size, seed=seed, shuffle=train_aug)
+        self.tally = BadFileTally(max_bad_fraction, len(self.sampler))
         self.loader = _data_loader(_SplitDataset(split, [transform], seed), self.sampler, batch_size_per_rank,
                                    workers, device, drop_last=False, batches_ahead=batches_ahead)
 
@@ -170,6 +190,12 @@ class TorchvisionEvalLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
 
+    @property
+    def bad_files(self) -> list[tuple[str, str]]:
+        return list(self.tally.files.items())
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, _ in self.loader:
+        self.tally.start_epoch(self.sampler.epoch)
+        for images, labels, _, skipped in self.loader:
+            _tally(self.tally, skipped)
             yield _to_device(images, self.device, self.dtype, self.channels_last), labels.to(self.device)

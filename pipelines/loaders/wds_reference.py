@@ -1,0 +1,192 @@
+"""The reference reader of webdataset shards: the `webdataset` package (tar streaming, grouping members into
+samples, buffer shuffle, decoding) feeding the torchvision backend's per-image PIL recipe in DataLoader workers.
+
+It reads the same share of each epoch as DALI's reader (`pipelines.loaders.wds_shards`: per-epoch shard order,
+rank r takes positions [N r / W, N (r + 1) / W) of the complete samples), so the two can be compared sample for
+sample. Within a rank, the share is cut into runs of whole batches, one per DataLoader worker; each worker streams
+the shards its run touches, keeps the samples of its run, shuffles them in a buffer seeded by (seed, epoch, rank,
+worker) and pads with its last sample to its batch count, so every rank runs the same number of steps. Views are
+drawn from a torch stream seeded by (seed, epoch, row), as in the torchvision backend. A sample whose image fails
+to decode is skipped (the padding fills its slot) and counted in the loader's `skipped_samples`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision import transforms as T
+
+from mixmask.types import TwoViewBatch
+from pipelines.augment import AugSpec
+from pipelines.loaders.sharding import check_rank, samples_per_rank, steps_per_epoch
+from pipelines.loaders.torchvision_backend import _sample_seed, _to_device, pil_transform
+from pipelines.loaders.wds_shards import ShardSet, epoch_shard_order, rank_span
+
+IMAGE_KEYS = "jpg;png;jpeg"
+
+
+def worker_runs(num_slots: int, batch_size: int, num_workers: int) -> list[tuple[int, int]]:
+    """Slots [start, stop) of each worker: whole batches, the last run taking the remainder."""
+    per_worker = math.ceil(math.ceil(num_slots / batch_size) / num_workers) * batch_size
+    return [(min(k * per_worker, num_slots), min((k + 1) * per_worker, num_slots)) for k in range(num_workers)]
+
+
+class _ShardStream(IterableDataset):
+    """This rank's (views..., label, row) items of one epoch, streamed from the shards by the webdataset package."""
+
+    def __init__(self, shards: ShardSet, transforms: list, *, rank: int, world_size: int, seed: int,
+                 shuffle: bool, shuffle_buffer: int, batch_size: int, num_slots: int) -> None:
+        self.shards, self.transforms, self.rank, self.world_size = shards, transforms, rank, world_size
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.batch_size, self.num_slots = batch_size, num_slots
+        self.epoch = 0
+        self.skipped = 0
+
+    def _skip(self, err: Exception) -> bool:
+        self.skipped += 1  # a sample whose image does not decode: dropped, its slot padded
+        return True
+
+    @staticmethod
+    def _go_on(err: Exception) -> bool:
+        return True  # a damaged tar: the samples it loses are counted once the stream ends
+
+    def _run(self, worker: int, num_workers: int) -> tuple[list[str], set[int], int]:
+        """(shard urls to stream, rows to keep, slots to fill) of one worker in this epoch."""
+        order = epoch_shard_order(len(self.shards.urls), seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
+        counts = self.shards.counts()[order]
+        lo, hi = rank_span(int(counts.sum()), self.rank, self.world_size)
+        runs = worker_runs(self.num_slots, self.batch_size, num_workers)
+        start, stop = runs[worker]
+        last = max(k for k, (a, b) in enumerate(runs) if b > a) if self.num_slots else -1
+        first, end = lo + min(start, hi - lo), lo + (hi - lo if worker == last else min(stop, hi - lo))
+        if first >= end:  # a run made only of padding: it repeats the share's last sample
+            first, end = hi - 1, hi
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        urls, rows = [], set()
+        for pos, k in enumerate(order):
+            a, b = max(first, starts[pos]), min(end, starts[pos + 1])
+            if a < b:
+                urls.append(self.shards.urls[k])
+                rows.update(int(r) for r in self.shards.rows[k][a - starts[pos]:b - starts[pos]])
+        return urls, rows, stop - start
+
+    def __iter__(self) -> Iterator[tuple]:
+        import webdataset as wds
+
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        urls, rows, slots = self._run(worker, num_workers)
+        self.skipped = 0  # per epoch: the loader adds each epoch's counts up
+        if slots == 0:
+            return
+        seen: set[int] = set()
+
+        def wanted(sample: dict) -> bool:
+            keep = sample["__key__"].isdigit() and int(sample["__key__"]) in rows
+            if keep:
+                seen.add(int(sample["__key__"]))
+            return keep
+
+        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=self._go_on), wds.select(wanted)]
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = random.Random(int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker])
+                                    .generate_state(1)[0]))
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+        stages += [wds.decode("pilrgb", handler=self._skip), wds.to_tuple(IMAGE_KEYS, "cls", "__key__",
+                                                                         handler=self._skip)]
+        emitted, item = 0, None
+        for image, label, key in wds.DataPipeline(*stages):
+            if emitted == slots:
+                break  # drop_last: the rest of this run does not fit a whole batch of the rank
+            row = int(key)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_sample_seed(self.seed, self.epoch, row))
+                views = [t(image) for t in self.transforms]
+            item = (*views, int(label), row, worker, self.skipped)  # the count travels to the main process
+            emitted += 1
+            yield item
+        else:
+            self.skipped += len(rows) - len(seen)  # wanted samples that no tar delivered
+        if item is None:
+            raise RuntimeError(f"rank {self.rank} worker {worker} read no sample from {urls}")
+        for _ in range(slots - emitted):  # padding: every rank runs the same number of steps
+            yield (*item[:-1], self.skipped)
+
+
+class _ReferenceBase:
+    def __init__(self, shards: ShardSet, transforms: list, *, batch_size_per_rank: int, rank: int, world_size: int,
+                 seed: int, workers: int, device: torch.device, dtype: torch.dtype, channels_last: bool,
+                 drop_last: bool, batches_ahead: int, shuffle: bool, shuffle_buffer: int) -> None:
+        check_rank(rank, world_size)
+        self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
+        self.steps = steps_per_epoch(len(shards), world_size, batch_size_per_rank, drop_last)
+        self.count = samples_per_rank(len(shards), world_size)
+        slots = self.steps * batch_size_per_rank if drop_last else self.count
+        self.stream = _ShardStream(shards, transforms, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
+                                   shuffle_buffer=shuffle_buffer, batch_size=batch_size_per_rank, num_slots=slots)
+        # Not persistent: each epoch's workers get the dataset with that epoch set.
+        self.loader = DataLoader(self.stream, batch_size=batch_size_per_rank, num_workers=workers,
+                                 pin_memory=self.device.type == "cuda",
+                                 prefetch_factor=max(1, batches_ahead) if workers > 0 else None)
+        self.num_missing = shards.num_missing
+        self.skipped_samples = 0  # images that did not decode, over the epochs read so far
+
+    def _batches(self) -> Iterator[tuple]:
+        """The DataLoader's batches without the bookkeeping fields; tallies each worker's skipped images."""
+        per_worker: dict[int, int] = {}
+        try:
+            for *fields, worker, skipped in self.loader:
+                per_worker[int(worker[-1])] = int(skipped.max())
+                yield fields
+        finally:
+            self.skipped_samples += sum(per_worker.values())
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.epoch = epoch
+
+
+class ReferenceShardTwoViewLoader(_ReferenceBase):
+    """Two views per sample of webdataset shards with the official PIL recipe, as `TwoViewBatch` on `device`."""
+
+    def __init__(self, shards: ShardSet, *, resolution: int, views: tuple[AugSpec, AugSpec], shuffle_buffer: int,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = True, drop_last: bool = True,
+                 batches_ahead: int = 2, **kwargs) -> None:
+        super().__init__(shards, [pil_transform(v, resolution) for v in views], dtype=dtype,
+                         channels_last=channels_last, drop_last=drop_last, batches_ahead=batches_ahead,
+                         shuffle=True, shuffle_buffer=shuffle_buffer, **kwargs)
+
+    def __iter__(self) -> Iterator[TwoViewBatch]:
+        for view1, view2, labels, rows in self._batches():
+            yield TwoViewBatch(_to_device(view1, self.device, self.dtype, self.channels_last),
+                               _to_device(view2, self.device, self.dtype, self.channels_last),
+                               labels.to(self.device, non_blocking=True), rows.to(self.device, non_blocking=True))
+
+
+class ReferenceShardEvalLoader(_ReferenceBase):
+    """Single-view (images, labels) of webdataset shards: as the torchvision eval loader, no drop_last."""
+
+    def __init__(self, shards: ShardSet, *, resolution: int, train_aug: bool, mean: tuple[float, float, float],
+                 std: tuple[float, float, float], small: bool, shuffle_buffer: int, **kwargs) -> None:
+        if train_aug:
+            ops = [T.RandomResizedCrop(resolution), T.RandomHorizontalFlip()]
+        elif small:
+            ops = [T.Resize(resolution), T.CenterCrop(resolution)]
+        else:
+            ops = [T.Resize(int(round(resolution / 0.875))), T.CenterCrop(resolution)]
+        transform = T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
+        super().__init__(shards, [transform], drop_last=False, shuffle=train_aug, shuffle_buffer=shuffle_buffer,
+                         **kwargs)
+        self.num_samples = len(shards)  # the split's size: the gathered epoch beyond it is padding
+        self.rank_layout = "contiguous"  # rank r reads [N·r // W, N·(r+1) // W), padded at its end
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, _ in self._batches():
+            yield _to_device(images, self.device, self.dtype, self.channels_last), labels.to(self.device)
