@@ -94,11 +94,11 @@ def train(cfg: Config, run: launch.Launch) -> int:
     _run_lock = rundir.lock_run_dir(run_dir, pid=os.getpid(), is_main=run.is_main, distributed=run.distributed)
     rundir.refuse_fresh_start_over(ckpt_dir, cfg.run.resume)
     resume_path = ckpt_io.find_resume(cfg.run.resume, ckpt_dir)
+    resume_notes: list[str] = []
     if resume_path is not None:  # checked before any work; the weights are restored once the method exists
         stored = ckpt_io.load_checkpoint(resume_path, map_location="cpu")["config"]
-        for note in rundir.check_resume_config(stored, _config_dict(cfg), checkpoint=resume_path,
-                                               allow_change=cfg.run.allow_config_change):
-            view.message(note)
+        resume_notes = rundir.check_resume_config(stored, _config_dict(cfg), checkpoint=resume_path,
+                                                  allow_change=cfg.run.allow_config_change)
     if note := launch.worker_note(cfg.data.workers):
         view.message(note)
 
@@ -139,6 +139,8 @@ def train(cfg: Config, run: launch.Launch) -> int:
                          "outputs again (raise run.epochs to train on)")
         else:
             view.message(f"resumed from {resume_path} at epoch {epoch + 1}, step {step}")
+        for note in resume_notes:
+            view.message(note)
     if run.is_main:
         # Records a killed run wrote past its checkpoint are logged again from here: keep one history.
         dropped = drop_records_after(run_dir / "metrics.jsonl", step)
