@@ -18,7 +18,9 @@ def failure_line(result, what: str, env: dict) -> str:
     """One line saying why a part failed: its time limit, or the last error line of its output."""
     if result.timed_out:
         return f"{what}: stopped at its time limit after {result.seconds:.0f}s"
-    lines = [ln.strip() for ln in (result.stderr + "\n" + result.stdout).splitlines() if ln.strip()]
+    # pytest prefixes exception lines with "E   "
+    lines = [re.sub(r"^E\s+", "", ln.strip()) for ln in (result.stderr + "\n" + result.stdout).splitlines()
+             if ln.strip()]
     errors = [ln for ln in lines if _ERROR_LINE.match(ln) and "Warning" not in ln.split(":")[0]]
     line = errors[-1] if errors else (lines[-1] if lines else "no output")
     text = f"{what} exited {result.rc}: {line}"
