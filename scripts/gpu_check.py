@@ -292,18 +292,8 @@ def _wheel_path(c_env: dict, work: Path, wheels: Path) -> str:
     return f"installed {', '.join(w.name for w in missing)} into a temporary target"
 
 
-def main() -> int:
-    device = os.environ.get("GPU_CHECK_DEVICE", "cuda")
-    if device not in PROFILES:
-        print(f"error: GPU_CHECK_DEVICE={device!r} is not valid; valid: cuda, cpu", file=sys.stderr)
-        return 2
-    profile = PROFILES[device]
-    budget = float(os.environ.get("GPU_CHECK_BUDGET_S", profile["budget_s"]))
-    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "gpu-check"
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    log_path = out / "gpu-check.log"
-    log_path.write_text("")
+def _child_env(device: str, work: Path) -> dict:
+    """The parts' environment: the checkout on the path, the CPU pinned for the rehearsal, hidden modules."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
     if device == "cpu":
@@ -314,46 +304,66 @@ def main() -> int:
         names = [n.strip() for n in os.environ["GPU_CHECK_HIDE"].split(",") if n.strip()]
         (work / "hide" / "sitecustomize.py").write_text(HIDE_FINDER.format(names=names))
         env["PYTHONPATH"] = os.pathsep.join([str(work / "hide"), env["PYTHONPATH"]])
-    t_start = time.monotonic()
-    notes = []
+    return env
+
+
+def run_part(check: Check, name: str, expected: list[str], limit_s: float, fn) -> tuple[list[dict], dict]:
+    """One part within min(its limit, the budget left): its rows (every expected one on failure) and its timing."""
+    left = check.deadline - time.monotonic()
+    check.limit_s = min(limit_s, left)
+    t0, cpu0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    no_cuda = check.device == "cuda" and check.found.get("env", {}).get("cuda_available") is False
+    if left < 5 or no_cuda:
+        why = "no CUDA device (GPU_CHECK_DEVICE=cpu rehearses on the CPU)" if no_cuda else "out of the time budget"
+        rows, status = [_row(n, "skipped", why) for n in expected], "skipped"
+    else:
+        try:
+            rows, status = fn(check), "ran"
+        except PartFailed as err:
+            line = failure_line(err.result, err.what, check.found.get("env", {}))
+            rows, status = [_row(n, "fail", line) for n in expected], "failed"
+        except Exception as err:  # a bug in this script: say so on every row of the part, keep going
+            rows = [_row(n, "fail", f"gpu_check.py: {type(err).__name__}: {err}") for n in expected]
+            status = "failed"
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    timing = {"part": name, "status": status, "seconds": round(time.monotonic() - t0, 1),
+              "cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
+              "limit_s": round(min(limit_s, max(left, 0)), 1)}
+    for r in rows:
+        r["part"] = name
+    return rows, timing
+
+
+def main() -> int:
+    device = os.environ.get("GPU_CHECK_DEVICE", "cuda")
+    if device not in PROFILES:
+        print(f"error: GPU_CHECK_DEVICE={device!r} is not valid; valid: cuda, cpu", file=sys.stderr)
+        return 2
+    profile = PROFILES[device]
+    budget = float(os.environ.get("GPU_CHECK_BUDGET_S", profile["budget_s"]))
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "gpu-check"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu-check.log").write_text("")
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    env = _child_env(device, work)
+    t_start, notes = time.monotonic(), []
     wheels = ROOT / os.environ.get("GPU_CHECK_WHEELS", ".gpu-wheels")
     if wheels.is_dir():
         try:
             notes.append(_wheel_path(env, work, wheels))
         except subprocess.CalledProcessError as err:
             notes.append(f"installing the wheels of {wheels} failed ({err})")
-    check = Check(device, profile, work, env, t_start + budget, log_path)
+    check = Check(device, profile, work, env, t_start + budget, out / "gpu-check.log")
     rows, parts = [], []
     for name, expected, limits, fn in PARTS:
-        left = check.deadline - time.monotonic()
-        check.limit_s = min(limits[0 if device == "cuda" else 1], left)
-        t0, cpu0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        no_cuda = device == "cuda" and check.found.get("env", {}).get("cuda_available") is False
-        if left < 5 or no_cuda:
-            why = "no CUDA device (GPU_CHECK_DEVICE=cpu rehearses on the CPU)" if no_cuda else "out of the time budget"
-            got, status = [_row(n, "skipped", why) for n in expected], "skipped"
-        else:
-            try:
-                got, status = fn(check), "ran"
-            except PartFailed as err:
-                line = failure_line(err.result, err.what, check.found.get("env", {}))
-                got, status = [_row(n, "fail", line) for n in expected], "failed"
-            except Exception as err:  # a bug in this script: say so on every row of the part, keep going
-                got, status = [_row(n, "fail", f"gpu_check.py: {type(err).__name__}: {err}") for n in expected], \
-                    "failed"
-        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        parts.append({"part": name, "status": status, "seconds": round(time.monotonic() - t0, 1),
-                      "cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
-                      "limit_s": round(min(limits[0 if device == "cuda" else 1], max(left, 0)), 1)})
-        for r in got:
-            r["part"] = name
+        got, timing = run_part(check, name, expected, limits[0 if device == "cuda" else 1], fn)
         rows += got
-        print(f"[gpu-check] {name}: {status} in {parts[-1]['seconds']}s", flush=True)
+        parts.append(timing)
+        print(f"[gpu-check] {name}: {timing['status']} in {timing['seconds']}s", flush=True)
     summary = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
                "profile": profile["size"], "budget_s": budget, "total_s": round(time.monotonic() - t_start, 1),
                "notes": [n for n in notes if n], "parts": parts, "rows": rows}
-    md = write_summaries(summary, out)
-    print(md)
+    print(write_summaries(summary, out))
     if not os.environ.get("GPU_CHECK_KEEP"):
         shutil.rmtree(work, ignore_errors=True)
     return 1 if any(r["status"] == "fail" for r in rows) else 0

@@ -85,6 +85,25 @@ def test_a_part_past_its_limit_is_killed_with_its_children(tmp_path):
     assert "sleeper" in (tmp_path / "log").read_text()
 
 
+def test_a_failed_or_late_part_still_gives_every_row(tmp_path):
+    from scripts.gpu_check import Check, PartFailed, Result, run_part
+
+    check = Check("cpu", {"size": "tiny"}, tmp_path, dict(os.environ), time.monotonic() + 60, tmp_path / "log")
+
+    def broken(c):
+        raise PartFailed(Result(1, "", "Traceback ...\nValueError: bad size\n", 0.1), "bench.py step")
+
+    rows, timing = run_part(check, "step", ["a", "b"], 30, broken)
+    line = "bench.py step exited 1: ValueError: bad size"
+    assert [(r["part"], r["name"], r["status"], r["detail"]) for r in rows] == [
+        ("step", "a", "fail", line), ("step", "b", "fail", line)]
+    assert timing["status"] == "failed" and timing["limit_s"] == 30
+
+    check.deadline = time.monotonic() + 2  # less than a part needs to start: skipped, not started
+    rows, timing = run_part(check, "compile", ["c"], 300, lambda c: pytest.fail("a late part must not start"))
+    assert [(r["name"], r["status"], r["detail"]) for r in rows] == [("c", "skipped", "out of the time budget")]
+
+
 def test_failure_line_is_the_last_error_and_names_an_older_torch():
     from scripts.gpu_check import Result
     from scripts.gpu_check_report import failure_line
