@@ -273,14 +273,16 @@ PARTS = [  # (name, rows it gives, time limit in seconds on cuda / on cpu, funct
 
 
 def _wheel_path(c_env: dict, work: Path, wheels: Path) -> str:
-    """Install the carried wheels whose distributions are missing into a temporary target; the notes for the log."""
+    """Install the carried wheels whose distributions are missing, or present in another version (an antlr4 runtime
+    other than omegaconf's 4.9 breaks its parser), into a temporary target ahead on the path; a note for the log."""
     import importlib.metadata
 
     missing = []
     for whl in sorted(wheels.glob("*.whl")):
-        dist = whl.name.split("-")[0]
+        dist, version = whl.name.split("-")[:2]
         try:
-            importlib.metadata.version(dist)
+            if importlib.metadata.version(dist) != version:
+                missing.append(whl)
         except importlib.metadata.PackageNotFoundError:
             missing.append(whl)
     if not missing:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
+import sys
 import time
+import zipfile
 
 import pytest
 
@@ -102,6 +105,35 @@ def test_a_failed_or_late_part_still_gives_every_row(tmp_path):
     check.deadline = time.monotonic() + 2  # less than a part needs to start: skipped, not started
     rows, timing = run_part(check, "compile", ["c"], 300, lambda c: pytest.fail("a late part must not start"))
     assert [(r["name"], r["status"], r["detail"]) for r in rows] == [("c", "skipped", "out of the time budget")]
+
+
+def _wheel(folder, dist: str, version: str) -> None:
+    """A minimal pure-Python wheel holding one module `dist` whose VERSION is `version`."""
+    info = f"{dist}-{version}.dist-info"
+    files = {f"{dist}.py": f"VERSION = {version!r}\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{p},,\n" for p in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(folder / f"{dist}-{version}-py3-none-any.whl", "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+
+
+def test_carried_wheels_install_when_missing_or_another_version(tmp_path):
+    from scripts.gpu_check import _wheel_path
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "gpucheck_probe", "1.0")  # missing here: installed
+    _wheel(wheels, "iniconfig", "0.0.1")  # present in another version (as antlr4 4.13 beside omegaconf): installed
+    _wheel(wheels, "pytest", importlib.metadata.version("pytest"))  # present in this version: left alone
+    env = {**os.environ, "PYTHONPATH": ""}
+    note = _wheel_path(env, tmp_path, wheels)
+    assert note == ("installed gpucheck_probe-1.0-py3-none-any.whl, iniconfig-0.0.1-py3-none-any.whl into a "
+                    "temporary target")
+    probe = subprocess.run([sys.executable, "-c", "import gpucheck_probe, iniconfig; print(gpucheck_probe.VERSION, "
+                            "iniconfig.VERSION)"], env=env, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.split() == ["1.0", "0.0.1"], probe.stderr[-1000:]
 
 
 def test_failure_line_is_the_last_error_and_names_an_older_torch():
