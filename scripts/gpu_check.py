@@ -12,6 +12,7 @@ Environment variables:
                       scripts/gpu_wheels.sh); installed only when missing, into a temporary target
   GPU_CHECK_HIDE      comma-separated modules made unimportable in the parts (rehearse the GPU image here,
                       e.g. ffcv,nvidia.dali)
+  GPU_CHECK_PARTS     comma-separated parts to run (default all; env always runs); the others' rows say "skipped"
 """
 
 from __future__ import annotations
@@ -357,7 +358,16 @@ def main() -> int:
             notes.append(f"installing the wheels of {wheels} failed ({err})")
     check = Check(device, profile, work, env, t_start + budget, out / "gpu-check.log")
     rows, parts = [], []
+    selected = {p.strip() for p in os.environ.get("GPU_CHECK_PARTS", "").split(",") if p.strip()}
+    unknown = selected - {name for name, *_ in PARTS}
+    if unknown:
+        print(f"error: GPU_CHECK_PARTS names {', '.join(sorted(unknown))}; valid: "
+              f"{', '.join(name for name, *_ in PARTS)}", file=sys.stderr)
+        return 2
     for name, expected, limits, fn in PARTS:
+        if selected and name not in selected | {"env"}:
+            rows += [_row(n, "skipped", "not in GPU_CHECK_PARTS") | {"part": name} for n in expected]
+            continue
         got, timing = run_part(check, name, expected, limits[0 if device == "cuda" else 1], fn)
         rows += got
         parts.append(timing)
