@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp32")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the method (backend: inductor unless named); first step's time is compile_s")
 
     p = sub.add_parser("e2e", help="loader + operator + train step of a preset: images/s and data-wait share")
     common(p)
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_table(console: Console, title: str, rows: list[dict]) -> None:
     table = Table(title=title)
     extra = [k for k in ("ratio_vs_official", "ratio_vs_torchvision", "data_wait", "forward_equivalents",
-                         "tflops") if any(k in r for r in rows)]
+                         "tflops", "compile_s") if any(k in r for r in rows)]
     for col in ("name", "images/s (median)", "min - max", "ms/call", *extra):
         table.add_column(col, justify="left" if col == "name" else "right")
     for r in rows:
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--dtype {args.dtype!r} is not valid; valid: auto, bf16, fp32")
         rows = run_step_bench(args.methods, args.branches, arch=args.arch, cifar_stem=args.cifar_stem,
                               resolution=args.resolution, batch_size=args.batch_size, device=device, dtype=dtype,
-                              warmup=args.warmup, repeats=args.repeats)
+                              warmup=args.warmup, repeats=args.repeats, compile_backend=args.compile)
     elif args.mode == "loader":
         from mixmask.benchmarking.loader import run_loader_bench
 
