@@ -72,12 +72,12 @@ class ShardedOrder(TraversalOrder):
     """
 
     def __init__(self, *, rank: int, world_size: int, seed: int, shuffle: bool, kind: str = "random",
-                 window: int = 8192, batch_size: int = 1) -> None:
+                 window: int = 8192, batch_size: int = 1, drop_last: bool = False) -> None:
         # Built before the Loader exists; ffcv calls `order(loader)`, which binds it (see __call__).
         if kind not in ORDERS:
             raise UserError(f"unknown ffcv order {kind!r}; valid: {', '.join(ORDERS)}")
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.kind, self.window, self.batch_size = kind, window, batch_size
+        self.kind, self.window, self.batch_size, self.drop_last = kind, window, batch_size, drop_last
         self.epoch, self.start_batch = 0, 0
         self.distributed = world_size > 1
         self.sampler = None
@@ -104,7 +104,7 @@ class ShardedOrder(TraversalOrder):
 
     def sample_order(self, epoch: int) -> np.ndarray:  # ffcv's own counter is ignored on purpose
         order = self.full_order(self.epoch)
-        steps = -(-len(order) // self.batch_size)
+        steps = len(order) // self.batch_size if self.drop_last else -(-len(order) // self.batch_size)
         return start_at_batch(order, self.start_batch, self.batch_size, steps)
 
 
@@ -219,7 +219,7 @@ class FFCVTwoViewLoader:
         check_rank(rank, world_size)
         self.device, self.seed, self.rank = torch.device(device), seed, rank
         self.order = ShardedOrder(rank=rank, world_size=world_size, seed=seed, shuffle=True, kind=order,
-                                  window=order_window, batch_size=batch_size_per_rank)
+                                  window=order_window, batch_size=batch_size_per_rank, drop_last=drop_last)
         self.views = [Photometric(v, device=self.device, dtype=dtype, channels_last=channels_last) for v in views]
         decoder = TwoViewCropDecoder(resolution, views[0], views[1], seed=seed)
         self.loader = Loader(

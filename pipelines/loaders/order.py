@@ -116,10 +116,11 @@ def pages_bound(window: int, min_samples_per_page: int) -> int:
 
 
 def start_at_batch(order: np.ndarray, start_batch: int, batch_size: int, steps: int) -> np.ndarray:
-    """What is left of an epoch's order when it starts at batch `start_batch` (0 = the whole epoch).
+    """What an epoch of `steps` batches reads when it starts at batch `start_batch` (0 = the whole epoch).
 
-    Batches are cut from the same order as an uninterrupted epoch, so batch k is the same samples either way.
+    Batches are cut from the same order as an uninterrupted epoch, so batch k is the same samples either way;
+    samples past the last batch (dropped by drop_last) are not read.
     """
     if not 0 <= start_batch <= steps:
         raise UserError(f"an epoch of {steps} batches cannot start at batch {start_batch}")
-    return order[start_batch * batch_size:]
+    return order[start_batch * batch_size:steps * batch_size]

@@ -85,10 +85,10 @@ class _EpochSampler(Sampler):
     """This rank's (index, epoch) keys for the current epoch (`pipelines.loaders.sharding`)."""
 
     def __init__(self, num_samples: int, *, rank: int, world_size: int, seed: int, shuffle: bool,
-                 batch_size: int = 1) -> None:
+                 batch_size: int = 1, drop_last: bool = False) -> None:
         self.num_samples, self.rank, self.world_size, self.seed, self.shuffle = (
             num_samples, rank, world_size, seed, shuffle)
-        self.batch_size = batch_size
+        self.batch_size, self.drop_last = batch_size, drop_last
         self.epoch, self.start_batch = 0, 0
 
     def __iter__(self):
@@ -96,7 +96,8 @@ class _EpochSampler(Sampler):
                             epoch=self.epoch, shuffle=self.shuffle)
         # A resumed epoch asks the workers for the remaining samples only; each sample's draws are keyed by
         # (seed, epoch, index), so the remaining batches equal those of an uninterrupted epoch.
-        order = start_at_batch(order, self.start_batch, self.batch_size, -(-len(order) // self.batch_size))
+        steps = steps_per_epoch(self.num_samples, self.world_size, self.batch_size, self.drop_last)
+        order = start_at_batch(order, self.start_batch, self.batch_size, steps)
         return iter([(int(i), self.epoch) for i in order])
 
     def __len__(self) -> int:
@@ -126,7 +127,7 @@ class TorchvisionTwoViewLoader:
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         self.steps = steps_per_epoch(len(split), world_size, batch_size_per_rank, drop_last)
         self.sampler = _EpochSampler(len(split), rank=rank, world_size=world_size, seed=seed, shuffle=True,
-                                     batch_size=batch_size_per_rank)
+                                     batch_size=batch_size_per_rank, drop_last=drop_last)
         dataset = _SplitDataset(split, [pil_transform(v, resolution) for v in views], seed)
         self.loader = _data_loader(dataset, self.sampler, batch_size_per_rank, workers, device, drop_last,
                                    batches_ahead)
