@@ -235,10 +235,16 @@ class FFCVTwoViewLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """The next iteration yields `epoch` from batch `start_batch` on (a resume reads nothing before it)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict | None = None) -> None:
+        """The next iteration yields `epoch` from batch `start_batch` on (a resume reads nothing before it).
+
+        `state` is unused: every draw is keyed by (seed, epoch, batch), so (epoch, start_batch) is the position.
+        """
         self.epoch = epoch
         self.order.epoch, self.order.start_batch = epoch, start_batch
+
+    def position_state(self) -> None:
+        return None
 
     def __iter__(self) -> Iterator[TwoViewBatch]:
         epoch_iter = iter(self.loader)  # iterating again repeats the epoch from the same batch, draws included

@@ -135,9 +135,15 @@ class TorchvisionTwoViewLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """The next iteration yields `epoch` from batch `start_batch` on (nothing before it is read)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict | None = None) -> None:
+        """The next iteration yields `epoch` from batch `start_batch` on (nothing before it is read).
+
+        `state` is unused: every draw is keyed by (seed, epoch, index), so (epoch, start_batch) is the position.
+        """
         self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+
+    def position_state(self) -> None:
+        return None
 
     def __iter__(self) -> Iterator[TwoViewBatch]:
         for view1, view2, labels, index in self.loader:
