@@ -89,7 +89,8 @@ def _graph_devices(loader) -> list[str]:
 
     from pipelines.loaders.dali_backend import _EpochSource
 
-    source = _EpochSource(loader.split, np.arange(len(loader.split)), loader.batch_size, loader.steps)
+    source = _EpochSource(loader.split, np.arange(len(loader.split)), loader.batch_size, loader.steps,
+                          loader.tally)
     with Pipeline(batch_size=loader.batch_size, num_threads=1, device_id=None):
         return [node.device for node in loader._graph(*loader._decoded(source))]
 
