@@ -99,3 +99,11 @@ def test_cuda_device_index_becomes_the_current_device():
         assert torch.cuda.current_device() == last
     finally:
         torch.cuda.set_device(0)
+
+
+def test_loader_mode_puts_the_ffcv_quasi_random_order_beside_the_random_one(repo_root, tmp_path):
+    rows = bench(repo_root, tmp_path, "cpu", "loader", "--backend", "ffcv", "--ffcv-orders", "random,quasi_random",
+                 "--no-os-cache", "--order-window", "32", "--resolution", "32", "--batch-size", "16", "--batches", "2",
+                 "--workers", "1", "--num-images", "128")["results"]
+    assert [(r["order"], r["os_cache"]) for r in rows] == [("random", False), ("quasi_random", False)]
+    assert "quasi_random" in rows[1]["name"] and "quasi_random" not in rows[0]["name"]
