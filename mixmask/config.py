@@ -11,16 +11,14 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from mixmask.errors import UserError
+from mixmask.vocab import BRANCHES, ERASE_FILLS, MASK_KINDS, MASK_SHARES, METHOD_NAMES, PERMUTATIONS
 from pipelines.sources import SOURCES
 
 BACKENDS = ("ffcv", "dali", "torchvision")
 ORDER_CHOICES = ("auto", "random", "quasi_random")  # pipelines.loaders.order's (a test pins them equal)
-METHOD_NAMES = ("moco", "simclr", "byol", "simsiam")
-BRANCHES = ("vanilla", "unmix", "mixmask", "mixmask-unmix", "erase")
-MASK_KINDS = ("block", "discrete", "discrete_exact")  # generators: mixmask.masks.MASK_GENERATORS
-MASK_SHARES = ("batch", "pair", "sample")
-PERMUTATIONS = ("reverse", "random")
 RECIPES = ("mocov1", "mocov2", "simclr", "byol")
+__all__ = ["BACKENDS", "BRANCHES", "MASK_KINDS", "MASK_SHARES", "METHOD_NAMES", "PERMUTATIONS", "Config", "derived",
+           "validate"]
 
 
 def opt(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None, le: float | None = None,
@@ -86,7 +84,7 @@ class MaskConfig:
     permutation: str = opt("reverse", "partner of sample i: reverse (i <-> n-1-i; MixMask* gives MixMask random "
                            "partners) or random (drawn every step)", choices=PERMUTATIONS)
     erase_fill: str = opt("zero", "erase branch: fill for masked cells (zero = black pixels, mean = dataset mean)",
-                          choices=("zero", "mean", "noise"))
+                          choices=ERASE_FILLS)
 
 
 @dataclass
