@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1024, help="synthetic source: images generated")
     p.add_argument("--shard-samples", type=int, default=1000, help="wds: samples per shard when writing them")
     p.add_argument("--shuffle-buffer", type=int, default=4096, help="wds: the readers' shuffle buffer")
+    p.add_argument("--ffcv-orders", type=_strs, default=["random"],
+                   help="ffcv: comma-separated orders, one row each (random, quasi_random)")
+    p.add_argument("--os-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="ffcv: read through the OS page cache (--no-os-cache: ffcv's own, as past RAM)")
+    p.add_argument("--order-window", type=int, default=8192, help="ffcv quasi_random: samples shuffled together")
     p.add_argument("--make-photos", type=int, default=0, metavar="N",
                    help="imagefolder source: first write N ~500x375 JPEGs from scikit-image's photographs to --data")
 
@@ -78,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp32")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the method (backend: inductor unless named); first step's time is compile_s")
 
     p = sub.add_parser("e2e", help="loader + operator + train step of a preset: images/s and data-wait share")
     common(p)
@@ -89,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_table(console: Console, title: str, rows: list[dict]) -> None:
     table = Table(title=title)
     extra = [k for k in ("ratio_vs_official", "ratio_vs_torchvision", "data_wait", "forward_equivalents",
-                         "tflops") if any(k in r for r in rows)]
+                         "tflops", "compile_s") if any(k in r for r in rows)]
     for col in ("name", "images/s (median)", "min - max", "ms/call", *extra):
         table.add_column(col, justify="left" if col == "name" else "right")
     for r in rows:
@@ -222,6 +229,10 @@ def _check_args(args: argparse.Namespace) -> None:
         for name in args.backend:
             if name not in BACKENDS:
                 raise choice_error("loader backend (--backend)", name, BACKENDS)
+        for name in args.ffcv_orders:
+            if name not in ("random", "quasi_random"):
+                raise choice_error("ffcv order (--ffcv-orders)", name, ("random", "quasi_random"))
+        at_least("--order-window", args.order_window, 1)
         at_least("--resolution", args.resolution, 8)
         at_least("--batch-size", args.batch_size, 1)
         at_least("--workers", args.workers, 0)
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--dtype {args.dtype!r} is not valid; valid: auto, bf16, fp32")
         rows = run_step_bench(args.methods, args.branches, arch=args.arch, cifar_stem=args.cifar_stem,
                               resolution=args.resolution, batch_size=args.batch_size, device=device, dtype=dtype,
-                              warmup=args.warmup, repeats=args.repeats)
+                              warmup=args.warmup, repeats=args.repeats, compile_backend=args.compile)
     elif args.mode == "loader":
         from mixmask.benchmarking.loader import run_loader_bench
 
@@ -295,10 +306,12 @@ def main(argv: list[str] | None = None) -> int:
                 path = str(_synthetic_beton(synthetic))
             elif backend == "ffcv" and not args.data_beton:
                 path = str(_folder_beton(args.source, args.data))
-            rows += run_loader_bench(backend, source=args.source, path=path, resolution=args.resolution,
-                                     batch_size=args.batch_size, workers=args.workers, recipe=args.recipe,
-                                     device=device, warmup_batches=args.warmup, batches=args.batches,
-                                     repeats=args.repeats, synthetic=synthetic)
+            for order in args.ffcv_orders if backend == "ffcv" else ["random"]:
+                rows += run_loader_bench(backend, source=args.source, path=path, resolution=args.resolution,
+                                         batch_size=args.batch_size, workers=args.workers, recipe=args.recipe,
+                                         device=device, warmup_batches=args.warmup, batches=args.batches,
+                                         repeats=args.repeats, synthetic=synthetic, order=order,
+                                         os_cache=args.os_cache, order_window=args.order_window)
         ref = next((r["images_per_s"] for r in rows if r.get("backend") == "torchvision"), None)
         if ref:
             for r in rows:

@@ -129,11 +129,11 @@ def train(cfg: Config, run: launch.Launch) -> int:
                                 momentum=cfg.optim.momentum, decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
 
     # ---- resume (weights, queue, optimizer, schedule position, RNG states)
-    epoch, step, skip_batches = 0, 0, 0
+    epoch, step, skip_batches, loader_state = 0, 0, 0, None
     if resume_path is not None:
-        epoch, step, skip_batches = ckpt_io.resume_from(
+        epoch, step, skip_batches, loader_state = ckpt_io.resume_from(
             resume_path, method=method, optimizer=optimizer, mask_generator=mask_gen, rank=run.rank,
-            model=f"{cfg.method.name}/{cfg.method.branch} {cfg.method.arch}")
+            world_size=run.world_size, model=f"{cfg.method.name}/{cfg.method.branch} {cfg.method.arch}")
         if epoch >= cfg.run.epochs:
             view.message(f"{resume_path} has finished all {cfg.run.epochs} epochs: nothing to train, writing the "
                          "outputs again (raise run.epochs to train on)")
@@ -165,16 +165,17 @@ def train(cfg: Config, run: launch.Launch) -> int:
     stop = StopRequest()
 
     def save(tag_epoch: int, step_in_epoch: int, *, periodic: bool) -> None:
-        rng = [ckpt_io.rng_state(mask_gen)]
-        if run.distributed:  # every rank's RNG, so a resumed rank continues its own streams
-            gathered: list = [None] * run.world_size
-            torch.distributed.all_gather_object(gathered, rng[0])
-            rng = gathered
+        mine = (ckpt_io.rng_state(mask_gen), train_loader.position_state() if step_in_epoch else None)
+        gathered: list = [mine]
+        if run.distributed:  # every rank's RNG and loader position, so a resumed rank continues its own streams
+            gathered = [None] * run.world_size
+            torch.distributed.all_gather_object(gathered, mine)
         if not run.is_main:
             return
         state = {"version": ckpt_io.CHECKPOINT_VERSION, "method": method.state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": None, "epoch": tag_epoch, "step": step,
-                 "step_in_epoch": step_in_epoch, "rng": rng, "config": _config_dict(cfg), "computed": comp,
+                 "step_in_epoch": step_in_epoch, "rng": [g[0] for g in gathered],
+                 "loader": [g[1] for g in gathered], "config": _config_dict(cfg), "computed": comp,
                  "provenance": provenance()}
         ckpt_io.save_atomic(state, ckpt_dir / "last.pt")
         if periodic:
@@ -184,21 +185,19 @@ def train(cfg: Config, run: launch.Launch) -> int:
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     exit_code, reason = 0, "done"
     while epoch < cfg.run.epochs and (not cfg.run.max_steps or step < cfg.run.max_steps):
-        train_loader.set_epoch(epoch)
+        # Resuming mid-epoch starts the epoch at the next batch: nothing already trained on is read again.
+        train_loader.set_epoch(epoch, start_batch=skip_batches, state=loader_state)
         model.train()
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
         sums: dict[str, torch.Tensor] = {}
         batches = iter(train_loader)
-        step_in_epoch = 0
+        step_in_epoch = skip_batches
         while True:
             t_wait = time.perf_counter()
             batch = next(batches, None)
             window["wait"] += time.perf_counter() - t_wait
             if batch is None:
                 break
-            if step_in_epoch < skip_batches:  # resuming mid-epoch: replay the order, skip what was trained
-                step_in_epoch += 1
-                continue
             lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=comp["lr"],
                        schedule=cfg.optim.schedule, milestones=cfg.optim.milestones)
             set_lr(optimizer, lr)
@@ -246,7 +245,7 @@ def train(cfg: Config, run: launch.Launch) -> int:
             listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:20])
             view.message(f"epoch {epoch + 1}: skipped {len(bad)} unreadable image(s): {listed}"
                          + (f"; and {len(bad) - 20} more" if len(bad) > 20 else ""))
-        skip_batches = 0
+        skip_batches, loader_state = 0, None
         if reason == "nonfinite":
             break
         if reason == "signal":

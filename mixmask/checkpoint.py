@@ -97,8 +97,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def resume_from(path: str | Path, *, method: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                mask_generator: torch.Generator | None, rank: int, model: str = "model") -> tuple[int, int, int]:
-    """Restore weights, queue, optimizer and this rank's RNG streams from `path`; return (epoch, step, step_in_epoch).
+                mask_generator: torch.Generator | None, rank: int, world_size: int = 1,
+                model: str = "model") -> tuple[int, int, int, dict | None]:
+    """Restore weights, queue, optimizer and this rank's RNG streams from `path`; return (epoch, step, step_in_epoch,
+    loader position). The loader position is what this rank's loader recorded where its epoch was left (DALI's
+    random state), None when the checkpoint has none or another world size wrote it.
 
     The file is read onto the CPU whatever the training device: `load_state_dict` copies the weights onto the
     module's device and casts the optimizer state to its parameters' device, except `step`, which stays where the
@@ -110,7 +113,9 @@ def resume_from(path: str | Path, *, method: torch.nn.Module, optimizer: torch.o
     load_method_state(method, state, path, model)
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)], mask_generator)
-    return state["epoch"], state["step"], state["step_in_epoch"]
+    positions = state.get("loader") or []
+    loader = positions[rank] if len(positions) == world_size else None
+    return state["epoch"], state["step"], state["step_in_epoch"], loader
 
 
 def rng_state(mask_generator: torch.Generator | None = None) -> dict:

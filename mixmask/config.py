@@ -11,15 +11,14 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from mixmask.errors import UserError
+from mixmask.vocab import BRANCHES, ERASE_FILLS, MASK_KINDS, MASK_SHARES, METHOD_NAMES, PERMUTATIONS
 from pipelines.sources import SOURCES
 
 BACKENDS = ("ffcv", "dali", "torchvision")
-METHOD_NAMES = ("moco", "simclr", "byol", "simsiam")
-BRANCHES = ("vanilla", "unmix", "mixmask", "mixmask-unmix", "erase")
-MASK_KINDS = ("block", "discrete", "discrete_exact")  # generators: mixmask.masks.MASK_GENERATORS
-MASK_SHARES = ("batch", "pair", "sample")
-PERMUTATIONS = ("reverse", "random")
+ORDER_CHOICES = ("auto", "random", "quasi_random")  # pipelines.loaders.order's (a test pins them equal)
 RECIPES = ("mocov1", "mocov2", "simclr", "byol")
+__all__ = ["BACKENDS", "BRANCHES", "MASK_KINDS", "MASK_SHARES", "METHOD_NAMES", "PERMUTATIONS", "Config", "derived",
+           "validate"]
 
 
 def opt(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None, le: float | None = None,
@@ -44,6 +43,13 @@ class DataConfig:
     max_bad_fraction: float = opt(0.01, "dali/torchvision: share of an epoch's images that may be unreadable "
                                   "(skipped and listed) before the run stops", ge=0.0, le=1.0)
     os_cache: bool = opt(True, "ffcv: read the .beton through the OS page cache (else its own quasi-random cache)")
+    order: str = opt("auto", "sample order: random, quasi_random (ffcv: a share of the .beton's pages per rank, "
+                     "shuffled within order_window), auto (random while the file fits in ram_share of RAM)",
+                     choices=ORDER_CHOICES)
+    ram_share: float = opt(0.5, "data.order=auto: the share of this machine's RAM a .beton may fill and still be "
+                           "read in random order", gt=0.0, le=1.0)
+    order_window: int = opt(8192, "quasi_random: samples shuffled together (memory ~ 2 windows of pages per rank)",
+                            ge=1)
     batches_ahead: int = opt(2, "ffcv/dali: batches prepared ahead of the step", ge=1)
     shuffle_buffer: int = opt(4096, "webdataset shards: samples in each rank's shuffle buffer (0 = stored order)",
                               ge=0)
@@ -78,7 +84,7 @@ class MaskConfig:
     permutation: str = opt("reverse", "partner of sample i: reverse (i <-> n-1-i; MixMask* gives MixMask random "
                            "partners) or random (drawn every step)", choices=PERMUTATIONS)
     erase_fill: str = opt("zero", "erase branch: fill for masked cells (zero = black pixels, mean = dataset mean)",
-                          choices=("zero", "mean", "noise"))
+                          choices=ERASE_FILLS)
 
 
 @dataclass

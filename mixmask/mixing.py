@@ -19,6 +19,8 @@ import functools
 import numpy as np
 import torch
 
+from mixmask.vocab import ERASE_FILLS  # the one list of fills (re-exported for callers of `erase`)
+
 
 def nearest_indices(grid_size: int, out_size: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Source index of each output position for nearest upsampling, as `F.interpolate(mode="nearest")` computes it.
@@ -159,7 +161,6 @@ def identity_permutation(n: int, device: torch.device | str | None = None) -> to
     return torch.arange(n, device=device)
 
 
-ERASE_FILLS = ("zero", "mean", "noise")
 
 
 def erase(

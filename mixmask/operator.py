@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import torch
 
-# The one list of each vocabulary (plain constants, no config object).
-from mixmask.config import BRANCHES, MASK_SHARES, PERMUTATIONS
 from mixmask.masks import MASK_GENERATORS, Ratio, check_mask_config
 from mixmask.mixing import (
-    ERASE_FILLS,
     erase,
     identity_permutation,
     mix,
@@ -22,6 +19,7 @@ from mixmask.mixing import (
 )
 from mixmask.types import MixedBatch
 from mixmask.unmix import unmix
+from mixmask.vocab import BRANCH_KINDS, BRANCHES, ERASE_FILLS, MASK_SHARES, PERMUTATIONS  # no config object
 
 MASK_KINDS = tuple(MASK_GENERATORS)
 _MASKED_BRANCHES = ("mixmask", "mixmask-unmix", "erase")
@@ -139,12 +137,5 @@ class MixingOperator:
         Shape:
             view1: (B, 3, H, W) normalised first views on the training device
         """
-        if self.branch == "vanilla":
-            return []
-        builders = {
-            "mixmask": (self._mixmask,),
-            "unmix": (self._unmix,),
-            "mixmask-unmix": (self._mixmask, self._unmix),
-            "erase": (self._erase,),
-        }[self.branch]
-        return [build(view1, generator) for build in builders]
+        build = {"mixmask": self._mixmask, "unmix": self._unmix, "erase": self._erase}
+        return [build[kind](view1, generator) for kind in BRANCH_KINDS[self.branch]]

@@ -10,6 +10,12 @@ Sources (read at the commits the project fetched; line numbers are of those file
   values come from (Adam, lr 3e-3 / 2e-3, l2 1e-6, embedding 64 / 128, head 1024, BYOL τ 0.99, T 0.5).
 - "ours, because …": where no source gives a value, or where the sources disagree and we chose.
 
+Provenance, checked 2026-11-29: every code citation above was re-read at kirill-vish/MixMask 392a0e7,
+szq0214/Un-Mix 0911f77 (`unmix_c100.py`) and htdt/self-supervised d9662c8, and matches. The paper's own Table 1 and
+Table 8 were not: the stored copies of the paper (arXiv v2-v4, ar5iv) hold only its abstract, so "Table 1" /
+"Table 8" cite the values as the project's DESIGN.md and issue 12 quote them; check them against the paper (v4
+preferred) when it can be read.
+
 `python -m mixmask.preset_table` prints the Markdown the README embeds; a test keeps the two identical.
 """
 

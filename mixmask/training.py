@@ -137,6 +137,17 @@ def _shard_paths(cfg: Config, log: Callable[[str], None]) -> DataPaths:
     return DataPaths(train=cfg.data.path, val=val, num_classes=len(train.class_names), val_label_map=mapping)
 
 
+def train_order(cfg: Config, path: str | None) -> str:
+    """`data.order` resolved against the training file's size and this machine's RAM (`pipelines.loaders.order`)."""
+    import psutil
+
+    from pipelines.loaders.order import resolve_order
+
+    file_bytes = Path(path).stat().st_size if cfg.data.backend == "ffcv" and path and Path(path).is_file() else 0
+    return resolve_order(cfg.data.order, file_bytes=file_bytes, ram_bytes=psutil.virtual_memory().total,
+                         ram_share=cfg.data.ram_share, os_cache=cfg.data.os_cache, backend=cfg.data.backend)
+
+
 def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_per_rank: int, use_bf16: bool):
     """The two-view training loader and, when a held-out split exists, the (bank, query) kNN monitor loaders."""
     from pipelines.augment import recipe
@@ -155,7 +166,8 @@ def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_p
         cfg.data.backend, path=data.train, split="train", batch_size_per_rank=batch_size_per_rank,
         recipe=views, seed=cfg.run.seed, dtype=dtype, channels_last=cfg.run.channels_last,
         os_cache=cfg.data.os_cache, batches_ahead=cfg.data.batches_ahead, synthetic=data.synthetic_train or None,
-        shuffle_buffer=cfg.data.shuffle_buffer, **common)
+        shuffle_buffer=cfg.data.shuffle_buffer, order=train_order(cfg, data.train),
+        order_window=cfg.data.order_window, **common)
     if cfg.run.knn_every == 0 or (data.val is None and not data.synthetic_val):
         return train, None
     eval_batch = max(1, min(256, cfg.eval.batch_size // run.world_size))

@@ -63,6 +63,9 @@ def test_step_mode_reports_forward_equivalents(repo_root, tmp_path, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_loader_mode_compares_backends_to_torchvision(repo_root, tmp_path, device):
+    if device == "cuda":  # the bare GPU image has neither: skip cleanly there (the GPU check's pytest row)
+        pytest.importorskip("ffcv")
+        pytest.importorskip("nvidia.dali")
     rows = bench(repo_root, tmp_path, device, "loader", "--backend", "torchvision,ffcv,dali", "--resolution", "32",
                  "--batch-size", "16", "--batches", "2", "--workers", "1", "--num-images", "128")["results"]
     assert [r["backend"] for r in rows] == ["torchvision", "ffcv", "dali"]
@@ -71,6 +74,8 @@ def test_loader_mode_compares_backends_to_torchvision(repo_root, tmp_path, devic
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_e2e_mode_reports_data_wait(repo_root, tmp_path, device):
+    if device == "cuda":
+        pytest.importorskip("ffcv")  # the demo preset reads through FFCV
     rows = bench(repo_root, tmp_path, device, "e2e", "--steps", "2", "--preset", "demo", "data.synthetic_images=128",
                  "data.resolution=16", "data.batch_size=16", "data.workers=1", "method.queue_size=64",
                  f"data.data_dir={repo_root / 'data' / 'test-cache'}")["results"]
@@ -94,3 +99,11 @@ def test_cuda_device_index_becomes_the_current_device():
         assert torch.cuda.current_device() == last
     finally:
         torch.cuda.set_device(0)
+
+
+def test_loader_mode_puts_the_ffcv_quasi_random_order_beside_the_random_one(repo_root, tmp_path):
+    rows = bench(repo_root, tmp_path, "cpu", "loader", "--backend", "ffcv", "--ffcv-orders", "random,quasi_random",
+                 "--no-os-cache", "--order-window", "32", "--resolution", "32", "--batch-size", "16", "--batches", "2",
+                 "--workers", "1", "--num-images", "128")["results"]
+    assert [(r["order"], r["os_cache"]) for r in rows] == [("random", False), ("quasi_random", False)]
+    assert "quasi_random" in rows[1]["name"] and "quasi_random" not in rows[0]["name"]

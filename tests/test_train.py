@@ -47,11 +47,16 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), f"{k} differs"
 
 
-@pytest.mark.parametrize("backend", ["ffcv", "torchvision"])
-def test_two_epochs_equal_one_epoch_resume_one_epoch(repo_root, tmp_path, backend):
+@pytest.mark.parametrize(("backend", "stop"), [("ffcv", 6), ("torchvision", 6), ("ffcv", 9), ("dali", 9)])
+def test_two_epochs_equal_one_epoch_resume_one_epoch(repo_root, tmp_path, backend, stop):
+    """Stopped at an epoch's end (6) or mid-epoch (9: the resumed epoch starts at its 4th batch), then resumed."""
     train(repo_root, tmp_path / "straight", "run.epochs=2", backend=backend)
-    train(repo_root, tmp_path / "resumed", "run.epochs=2", "run.max_steps=6", backend=backend)
+    train(repo_root, tmp_path / "resumed", "run.epochs=2", f"run.max_steps={stop}", backend=backend)
     first = weights(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    stopped = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)
+    assert (stopped["step"], stopped["step_in_epoch"]) == (stop, stop % 6)
+    if backend == "dali" and stop % 6:
+        assert stopped["loader"][0]["batch"] == 3  # DALI's random state where the epoch was left
     train(repo_root, tmp_path / "resumed", "run.epochs=2", backend=backend)  # run.resume=auto
     assert_same_weights(tmp_path / "straight" / "checkpoints" / "last.pt",
                         tmp_path / "resumed" / "checkpoints" / "last.pt")

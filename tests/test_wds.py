@@ -183,6 +183,20 @@ def test_two_ranks_are_disjoint_cover_the_epoch_and_take_equal_steps(shards, bac
 
 # 42 over 2 ranks: 7 full batches each; 41 over 3 ranks: shares of 13, 14, 14 padded to 5 batches (no drop_last,
 # which would drop a buffer-order-dependent remainder that the two readers need not agree on)
+@pytest.mark.parametrize("backend", READERS)
+def test_an_epoch_resumed_at_a_batch_yields_the_uninterrupted_batches(shards, backend):
+    # Shards cannot slice a shuffle buffer, so a resume reads past the trained batches; what it hands out must be
+    # exactly the uninterrupted epoch's remaining batches (rows and pixels), and nothing before them.
+    loader = _loader(backend, shards, workers=1)
+    loader.set_epoch(1)
+    full = [(b.index.clone(), b.view1.clone()) for b in loader]
+    loader.set_epoch(1, start_batch=4, state=loader.position_state())
+    resumed = [(b.index.clone(), b.view1.clone()) for b in loader]
+    assert len(full) == len(loader) and len(resumed) == len(full) - 4
+    for (rows_a, pixels_a), (rows_b, pixels_b) in zip(full[4:], resumed, strict=True):
+        assert torch.equal(rows_a, rows_b) and torch.equal(pixels_a, pixels_b)
+
+
 @pytest.mark.parametrize("num_images,world_size", [(N, 2), (41, 3)])
 def test_dali_and_the_reference_reader_read_the_same_samples_per_rank(tmp_path, num_images, world_size):
     _convert(tmp_path / "shards", num_images=num_images)

@@ -9,6 +9,7 @@ trained view. So MoCo = 3 + 1 = 4, MoCo + MixMask = 7, MoCo + MixMask* (MixMask 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Sequence
 
 import torch
@@ -92,12 +93,15 @@ def run_step_bench(
     repeats: int,
     grid_size: int = 4,
     method_kwargs: dict[str, dict] | None = None,
+    compile_backend: str | None = None,
 ) -> list[dict]:
     """Time one training step per method × branch; rows follow `Measurement.row` plus the cost model.
 
     `dtype` is the autocast dtype of the encoders (float32: no autocast); the losses stay fp32 either way.
     Each row adds `method`, `branch`, `forward_equivalents`, `backbone_gflops_per_image` and `tflops` (achieved
-    backbone FLOP rate = forward FLOPs × forward-equivalents × images / second).
+    backbone FLOP rate = forward FLOPs × forward-equivalents × images / second). With `compile_backend` the method
+    is `torch.compile`d (as `run.compile=true` does) and each row adds `compile_s`, the first step's wall time
+    (compilation included), taken before the warm-up.
     """
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -108,6 +112,7 @@ def run_step_bench(
         method = build_method(name, backbone=backbone, feature_dim=feature_dim, **kwargs)
         method = method.to(device=device, memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
+        model = torch.compile(method, backend=compile_backend) if compile_backend else method
         flops = backbone_flops_per_image(method.backbone, resolution, device)
         shape = (batch_size, 3, resolution, resolution)
         view1 = torch.randn(shape, generator=generator, device=device).contiguous(memory_format=torch.channels_last)
@@ -115,9 +120,16 @@ def run_step_bench(
         for branch in branches:
             mixed = [synthetic_mixed(kind, view1, grid_size, generator) for kind in BRANCH_KINDS[branch]]
 
-            step = functools.partial(train_step, method, optimizer, view1, view2, mixed, dtype=dtype)
-            m = measure(f"{name}/{branch}", step, items_per_call=batch_size, warmup=warmup, repeats=repeats,
-                        device=device)  # fmt: skip
+            step = functools.partial(train_step, model, optimizer, view1, view2, mixed, dtype=dtype)
+            extra = {}
+            if compile_backend:
+                t0 = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # sync point: the compiled step has run
+                extra = {"compile_s": time.perf_counter() - t0, "compile_backend": compile_backend}
+            label = f"{name}/{branch}" + (" compiled" if compile_backend else "")
+            m = measure(label, step, items_per_call=batch_size, warmup=warmup, repeats=repeats, device=device)
             fe = forward_equivalents(name, branch)
             rows.append(
                 m.row(
@@ -126,6 +138,7 @@ def run_step_bench(
                     forward_equivalents=fe,
                     backbone_gflops_per_image=flops / 1e9,
                     tflops=flops * fe * m.images_per_s / 1e12,
+                    **extra,
                 )
             )
     return rows

@@ -10,17 +10,10 @@ from mixmask.methods.byol import BYOL
 from mixmask.methods.moco import MoCo
 from mixmask.methods.simclr import SimCLR
 from mixmask.methods.simsiam import SimSiam
+from mixmask.vocab import BRANCH_KINDS
 
 METHODS: dict[str, type[SiameseMethod]] = {"moco": MoCo, "simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam}
 
-# Which MixedBatch kinds each branch feeds to the method (MixMask* = Un-Mix + MixMask, different permutations).
-BRANCH_KINDS: dict[str, tuple[str, ...]] = {
-    "vanilla": (),
-    "mixmask": ("mixmask",),
-    "unmix": ("unmix",),
-    "mixmask-unmix": ("mixmask", "unmix"),
-    "erase": ("erase",),
-}
 
 
 def build_method(name: str, *, backbone: nn.Module, feature_dim: int, **hparams) -> SiameseMethod:

@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 
 from mixmask.types import MixedBatch
-
-MIXED_KINDS = ("mixmask", "unmix", "erase")
+from mixmask.vocab import MIXED_KINDS
 
 
 class SiameseMethod(nn.Module):

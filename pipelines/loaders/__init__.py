@@ -2,6 +2,8 @@
 
     loader = build_two_view_loader("ffcv", source="imagefolder", path="train.beton", resolution=224, ...)
     loader.set_epoch(epoch)          # the order (and the augmentation draws) of that epoch
+    loader.set_epoch(epoch, start_batch=k, state=saved)   # resume: batches k.. of that epoch, nothing before
+    saved = loader.position_state()  # after leaving an epoch early: what a resume passes back (or None)
     for batch in loader: ...         # TwoViewBatch on `device`, normalised, channels_last
     len(loader)                      # steps per epoch, the same on every rank
 
@@ -40,7 +42,9 @@ class TwoViewLoader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict | None = None) -> None: ...
+
+    def position_state(self) -> dict | None: ...
 
     def __iter__(self) -> Iterator[TwoViewBatch]: ...
 
@@ -108,14 +112,18 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
                           batch_size_per_rank: int, recipe: str | tuple[AugSpec, AugSpec], rank: int,
                           world_size: int, seed: int, workers: int, device: torch.device,
                           dtype: torch.dtype = torch.float32, channels_last: bool = True, drop_last: bool = True,
-                          os_cache: bool = True, batches_ahead: int = 2,
-                          synthetic: dict | None = None, shuffle_buffer: int = 4096,
+                          os_cache: bool = True, batches_ahead: int = 2, order: str = "random",
+                          order_window: int = 8192, synthetic: dict | None = None, shuffle_buffer: int = 4096,
                           shard_url: str = "", max_bad_fraction: float = 0.01) -> TwoViewLoader:
     """A loader of `TwoViewBatch`es for this rank's shard; see the module docstring.
 
-    dali / torchvision skip unreadable files and stop past `max_bad_fraction` of an epoch (`bad_files` lists them).
+    `order`: `random` (every backend) or `quasi_random` (ffcv: pages, `pipelines.loaders.order`), with
+    `order_window` samples shuffled together. dali / torchvision skip unreadable files and stop past
+    `max_bad_fraction` of an epoch (`bad_files` lists them).
     """
     cls = None if is_shard_path(path) else _backend(backend, 0)  # shards: the backend's shard reader
+    if order != "random" and backend != "ffcv":
+        raise UserError(f"order {order!r} reads .beton pages: it needs the ffcv backend, not {backend}")
     if batch_size_per_rank < 1:
         raise UserError(f"batch_size_per_rank must be >= 1, got {batch_size_per_rank}")
     views = resolve(recipe, resolution)
@@ -126,7 +134,7 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
     if is_shard_path(path):
         loader = build_shard_loader(backend, 0, path, split, shuffle_buffer, shard_url, **common)
     elif backend == "ffcv":
-        loader = cls(path, os_cache=os_cache, **common)
+        loader = cls(path, os_cache=os_cache, order=order, order_window=order_window, **common)
     else:
         loader = cls(open_split(source, path, split, synthetic), max_bad_fraction=max_bad_fraction, **common)
     if len(loader) == 0:

@@ -12,7 +12,9 @@ ops, flips and normalisation inside DALI → torch tensors on the device.
 - Decoding. `fn.decoders.image` runs on "mixed" (nvJPEG) when the device is CUDA and on "cpu" otherwise; the rest of
   the graph is identical. Arrays skip the decoder and are moved to the GPU when the device is CUDA.
 - One DALI pipeline per epoch, seeded from (seed, epoch, rank): each epoch's draws are reproducible for resume,
-  and an abandoned epoch (max_steps) leaves nothing queued for the next one.
+  and an abandoned epoch (max_steps) leaves nothing queued for the next one. Checkpointing is on: where an epoch
+  was left (`position_state`) restores into a new pipeline that continues with the same draws, asking the
+  source only for the remaining batches (`set_epoch(epoch, start_batch, state)`).
 - Photometric ops in DALI, per sample, applied by arithmetic with coin flips rather than branches (identity factors
   where an op is not drawn). Brightness and contrast follow torchvision (contrast blends with the mean luma of
   the brightened image). Two documented differences: the four jitter ops run in the fixed order brightness,
@@ -101,12 +103,17 @@ def _view_graph(images, spec: AugSpec, resolution: int, mirror_out: bool):
 
 
 class _EpochSource:
-    """Yields this rank's batches of one epoch: (encoded files or HWC arrays, labels, indices)."""
+    """This rank's batches of one epoch, by iteration: (encoded files or HWC arrays, labels, indices).
+
+    A callable of DALI's `BatchInfo`, the kind of source DALI checkpointing can restore: a pipeline rebuilt from a
+    checkpoint asks for the iteration it stopped at. `first_batch` shifts the iterations for an epoch started
+    at a batch without a checkpoint. An unreadable file is replaced by the next readable one and counted in `tally`.
+    """
 
     def __init__(self, split: SplitImages, order: np.ndarray, batch_size: int, steps: int,
-                 tally: BadFileTally) -> None:
+                 tally: BadFileTally, first_batch: int = 0) -> None:
         self.split, self.order, self.batch_size, self.steps = split, order, batch_size, steps
-        self.tally = tally
+        self.tally, self.first_batch = tally, first_batch
         self.error: Exception | None = None  # DALI wraps what a source raises; the loader re-raises this
 
     def _files(self, idx: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
@@ -124,16 +131,18 @@ class _EpochSource:
             labels.append(self.split.labels[read])
         return data, np.asarray(labels, dtype=np.int64)
 
-    def __iter__(self):
-        for step in range(self.steps):
-            idx = self.order[step * self.batch_size:(step + 1) * self.batch_size]
-            if len(idx) < self.batch_size:  # no drop_last: repeat the epoch's start so the batch is full
-                idx = np.concatenate([idx, self.order[: self.batch_size - len(idx)]])
-            if self.split.images is not None:
-                data, labels = [self.split.images[i] for i in idx], self.split.labels[idx]
-            else:
-                data, labels = self._files(idx)
-            yield data, labels, idx.astype(np.int64)
+    def __call__(self, info):
+        step = info.iteration + self.first_batch
+        if step >= self.steps:
+            raise StopIteration
+        idx = self.order[step * self.batch_size:(step + 1) * self.batch_size]
+        if len(idx) < self.batch_size:  # no drop_last: repeat the epoch's start so the batch is full
+            idx = np.concatenate([idx, self.order[: self.batch_size - len(idx)]])
+        if self.split.images is not None:
+            data, labels = [self.split.images[i] for i in idx], self.split.labels[idx]
+        else:
+            data, labels = self._files(idx)
+        return data, labels, idx.astype(np.int64)
 
 
 def _to_torch(out, device: torch.device) -> torch.Tensor:
@@ -157,7 +166,7 @@ class _DALIBase:
         self.seed, self.workers, self.device, self.shuffle = seed, max(1, workers), torch.device(device), shuffle
         self.batches_ahead, self.drop_last = max(1, batches_ahead), drop_last
         self.steps = steps_per_epoch(len(split), world_size, batch_size_per_rank, drop_last)
-        self.epoch = 0
+        self.epoch, self.start_batch, self._restore, self._position = 0, 0, None, None
         self.tally = BadFileTally(max_bad_fraction, -(-len(split) // world_size))
 
     @property
@@ -168,11 +177,27 @@ class _DALIBase:
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict | None = None) -> None:
+        """The next iteration yields `epoch` from batch `start_batch` on.
+
+        `state` is what `position_state()` returned when an epoch was left at that batch: with it, the random
+        draws continue exactly as in an uninterrupted epoch (DALI checkpointing); without it the batches hold
+        the same samples but fresh draws. Nothing before `start_batch` is read either way.
+        """
+        if not 0 <= start_batch <= self.steps:
+            raise ValueError(f"an epoch of {self.steps} batches cannot start at batch {start_batch}")
+        if state is not None and (state["epoch"], state["batch"]) != (epoch, start_batch):
+            raise ValueError(f"the DALI state is for epoch {state['epoch']} batch {state['batch']}, "
+                             f"not epoch {epoch} batch {start_batch}")
+        self.epoch, self.start_batch = epoch, start_batch
+        self._restore = state["dali"] if state is not None and start_batch > 0 else None
+
+    def position_state(self) -> dict | None:
+        """Where the last iteration stopped, for `set_epoch(epoch, batch, state)`: epoch, batch, DALI checkpoint."""
+        return self._position
 
     def _decoded(self, source: _EpochSource):
-        data, labels, index = fn.external_source(source=source, num_outputs=3, batch=True, cycle="raise",
+        data, labels, index = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
                                                  layout=["HWC" if self.split.images is not None else "", "", ""])
         if self.split.images is None:
             data = fn.decoders.image(data, device="mixed" if self.device.type == "cuda" else "cpu",
@@ -184,17 +209,22 @@ class _DALIBase:
     def _run_epoch(self, build_outputs) -> Iterator[list[torch.Tensor]]:
         order = epoch_order(len(self.split), rank=self.rank, world_size=self.world_size, seed=self.seed,
                             epoch=self.epoch, shuffle=self.shuffle)
+        restore, start = self._restore, self.start_batch
         self.tally.start_epoch(self.epoch)
-        source = _EpochSource(self.split, order, self.batch_size, self.steps, self.tally)
+        # Restored from a checkpoint, DALI asks the source for iteration `start` itself; otherwise shift.
+        source = _EpochSource(self.split, order, self.batch_size, self.steps, self.tally, 0 if restore else start)
+        seed = batch_seed(self.seed, self.epoch, self.rank) if restore or not start else \
+            batch_seed(self.seed, self.epoch, self.rank, batch=start)
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.workers,
                         device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
-                        seed=batch_seed(self.seed, self.epoch, self.rank) % (2**31),
-                        prefetch_queue_depth=self.batches_ahead)
+                        seed=seed % (2**31), prefetch_queue_depth=self.batches_ahead,
+                        enable_checkpointing=True, checkpoint=restore)
         with pipe:
             pipe.set_outputs(*build_outputs(*self._decoded(source)))
         pipe.build()
+        handed = start  # batches handed out (run) so far
         try:
-            for _ in range(self.steps):
+            while handed < self.steps:
                 try:
                     outputs = pipe.run()
                 except Exception as err:
@@ -205,8 +235,11 @@ class _DALIBase:
                     raise UserError(f"DALI could not decode an image of epoch {self.epoch + 1} "
                                     f"({(str(err).strip().splitlines() or ['?'])[0][:200]}); list the damaged "
                                     "files with python -m pipelines.convert imagefolder ... and remove them") from None
+                handed += 1
                 yield [_to_torch(out, self.device) for out in outputs]
         finally:
+            # The checkpoint after the batches handed out (DALI accounts for its prefetch queue).
+            self._position = {"epoch": self.epoch, "batch": handed, "dali": pipe.checkpoint()}
             del pipe
 
 
@@ -263,7 +296,7 @@ class DALIEvalLoader(_DALIBase):
         return x, labels, index
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for step, (images, labels, _) in enumerate(self._run_epoch(self._graph)):
+        for step, (images, labels, _) in enumerate(self._run_epoch(self._graph), start=self.start_batch):
             keep = min(self.batch_size, self.count - step * self.batch_size)
             x = images[:keep].permute(0, 3, 1, 2).to(self.dtype)
             yield (x if self.channels_last else x.contiguous()), labels[:keep].long()

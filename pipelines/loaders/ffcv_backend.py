@@ -44,6 +44,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from mixmask.errors import UserError
 from mixmask.types import TwoViewBatch
 from pipelines.augment import AugSpec
+from pipelines.loaders.order import ORDERS, quasi_random_order, sample_pages, start_at_batch
 from pipelines.loaders.sharding import batch_seed, check_rank, epoch_order
 from pipelines.photometric import Photometric, to_float_nchw
 
@@ -62,24 +63,49 @@ def _stop(epoch_iter) -> None:
 
 
 class ShardedOrder(TraversalOrder):
-    """This rank's share of a (seed, epoch) permutation (`pipelines.loaders.sharding`), epoch set from outside."""
+    """This rank's share of a (seed, epoch) order, epoch and first batch set from outside.
 
-    def __init__(self, *, rank: int, world_size: int, seed: int, shuffle: bool) -> None:
+    `random`: a permutation of the samples (`pipelines.loaders.sharding`); `quasi_random`: a share of the file's
+    pages in random order, samples shuffled within `window` (`pipelines.loaders.order`), for files read with
+    `os_cache=False` that do not fit in RAM. Either way an epoch started at batch k yields the uninterrupted
+    epoch's batches from k on, and ffcv's process cache schedules only the pages those need.
+    """
+
+    def __init__(self, *, rank: int, world_size: int, seed: int, shuffle: bool, kind: str = "random",
+                 window: int = 8192, batch_size: int = 1, drop_last: bool = False) -> None:
         # Built before the Loader exists; ffcv calls `order(loader)`, which binds it (see __call__).
+        if kind not in ORDERS:
+            raise UserError(f"unknown ffcv order {kind!r}; valid: {', '.join(ORDERS)}")
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.epoch = 0
+        self.kind, self.window, self.batch_size, self.drop_last = kind, window, batch_size, drop_last
+        self.epoch, self.start_batch = 0, 0
         self.distributed = world_size > 1
         self.sampler = None
 
     def __call__(self, loader: Loader) -> ShardedOrder:
         self.loader = loader
         self.indices = loader.indices
+        if self.kind == "quasi_random":
+            reader = loader.reader
+            table = reader.alloc_table
+            pages = sample_pages(reader.num_samples, table["sample_id"], table["ptr"], int(reader.page_size))
+            self.pages = pages[self.indices.astype(np.int64)]
         return self
 
-    def sample_order(self, epoch: int) -> np.ndarray:  # ffcv's own counter is ignored on purpose
-        positions = epoch_order(len(self.indices), rank=self.rank, world_size=self.world_size, seed=self.seed,
-                                epoch=self.epoch, shuffle=self.shuffle)
+    def full_order(self, epoch: int) -> np.ndarray:
+        """Every sample index of this rank's epoch, from batch 0."""
+        if self.kind == "quasi_random" and self.shuffle:
+            positions = quasi_random_order(self.pages, rank=self.rank, world_size=self.world_size, seed=self.seed,
+                                           epoch=epoch, window=self.window)
+        else:
+            positions = epoch_order(len(self.indices), rank=self.rank, world_size=self.world_size, seed=self.seed,
+                                    epoch=epoch, shuffle=self.shuffle)
         return self.indices[positions]
+
+    def sample_order(self, epoch: int) -> np.ndarray:  # ffcv's own counter is ignored on purpose
+        order = self.full_order(self.epoch)
+        steps = len(order) // self.batch_size if self.drop_last else -(-len(order) // self.batch_size)
+        return start_at_batch(order, self.start_batch, self.batch_size, steps)
 
 
 class TwoViewCropDecoder(Operation):
@@ -205,10 +231,12 @@ class FFCVTwoViewLoader:
     def __init__(self, path: str | None, *, resolution: int, batch_size_per_rank: int, views: tuple[AugSpec, AugSpec],
                  rank: int, world_size: int, seed: int, workers: int, device: torch.device,
                  dtype: torch.dtype = torch.float32, channels_last: bool = True, drop_last: bool = True,
-                 os_cache: bool = True, batches_ahead: int = 2) -> None:
+                 os_cache: bool = True, batches_ahead: int = 2, order: str = "random",
+                 order_window: int = 8192) -> None:
         check_rank(rank, world_size)
         self.device, self.seed, self.rank = torch.device(device), seed, rank
-        self.order = ShardedOrder(rank=rank, world_size=world_size, seed=seed, shuffle=True)
+        self.order = ShardedOrder(rank=rank, world_size=world_size, seed=seed, shuffle=True, kind=order,
+                                  window=order_window, batch_size=batch_size_per_rank, drop_last=drop_last)
         self.views = [Photometric(v, device=self.device, dtype=dtype, channels_last=channels_last) for v in views]
         decoder = TwoViewCropDecoder(resolution, views[0], views[1], seed=seed)
         self.loader = Loader(
@@ -224,17 +252,24 @@ class FFCVTwoViewLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict | None = None) -> None:
+        """The next iteration yields `epoch` from batch `start_batch` on (a resume reads nothing before it).
+
+        `state` is unused: every draw is keyed by (seed, epoch, batch), so (epoch, start_batch) is the position.
+        """
         self.epoch = epoch
-        self.order.epoch = epoch
-        for stream, view in enumerate(self.views):
-            view.reseed(batch_seed(self.seed, epoch, self.rank, stream))
+        self.order.epoch, self.order.start_batch = epoch, start_batch
+
+    def position_state(self) -> None:
+        return None
 
     def __iter__(self) -> Iterator[TwoViewBatch]:
-        self.set_epoch(self.epoch)  # iterating again repeats the epoch, draws included
-        epoch_iter = iter(self.loader)
+        epoch_iter = iter(self.loader)  # iterating again repeats the epoch from the same batch, draws included
         try:
-            for images, labels, index in epoch_iter:
+            for batch, (images, labels, index) in enumerate(epoch_iter, start=self.order.start_batch):
+                # The photometric draws of a batch depend on its position only, so a resumed epoch matches.
+                for stream, view in enumerate(self.views):
+                    view.reseed(batch_seed(self.seed, self.epoch, self.rank, stream, batch=batch))
                 # images: (B, 2, H, W, 3) uint8 on the device; the views split here, HWC → NCHW in Photometric.
                 yield TwoViewBatch(self.views[0](images[:, 0]), self.views[1](images[:, 1]),
                                    labels.long().clone(), index.long().clone())
@@ -251,7 +286,8 @@ class FFCVEvalLoader:
                  channels_last: bool, os_cache: bool = True, batches_ahead: int = 2, small: bool) -> None:
         check_rank(rank, world_size)
         self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
-        self.order = ShardedOrder(rank=rank, world_size=world_size, seed=seed, shuffle=train_aug)
+        self.order = ShardedOrder(rank=rank, world_size=world_size, seed=seed, shuffle=train_aug,
+                                  batch_size=batch_size_per_rank)
         size = (resolution, resolution)
         if train_aug:
             ops = [RandomResizedCropRGBImageDecoder(size), RandomHorizontalFlip()]
@@ -271,8 +307,8 @@ class FFCVEvalLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.order.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.order.epoch, self.order.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch_iter = iter(self.loader)

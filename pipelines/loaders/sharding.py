@@ -51,7 +51,12 @@ def epoch_order(num_samples: int, *, rank: int, world_size: int, seed: int, epoc
     return order[rank::world_size].astype(np.int64)
 
 
-def batch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
-    """A 63-bit seed for a rank's augmentation stream in an epoch (distinct across ranks, epochs and streams)."""
-    mixed = np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(2, dtype=np.uint32)
+def batch_seed(seed: int, epoch: int, rank: int, stream: int = 0, batch: int | None = None) -> int:
+    """A 63-bit seed for a rank's augmentation stream in an epoch (distinct across ranks, epochs and streams).
+
+    With `batch`, a seed for that batch alone: draws that depend only on the batch's position let an epoch start
+    at any batch and still give the batches of an uninterrupted epoch.
+    """
+    key = [seed, epoch, rank, stream] + ([] if batch is None else [batch])
+    mixed = np.random.SeedSequence(key).generate_state(2, dtype=np.uint32)
     return int((int(mixed[0]) << 31) ^ int(mixed[1]))

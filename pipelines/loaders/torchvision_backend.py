@@ -23,6 +23,7 @@ from mixmask.types import TwoViewBatch
 from pipelines.augment import AugSpec
 from pipelines.loaders import SplitImages
 from pipelines.loaders.bad_files import BadFileTally, first_readable
+from pipelines.loaders.order import start_at_batch
 from pipelines.loaders.sharding import check_rank, epoch_order, steps_per_epoch
 
 
@@ -94,14 +95,20 @@ def _tally(tally: BadFileTally, skipped: list[str]) -> None:
 class _EpochSampler(Sampler):
     """This rank's (index, epoch) keys for the current epoch (`pipelines.loaders.sharding`)."""
 
-    def __init__(self, num_samples: int, *, rank: int, world_size: int, seed: int, shuffle: bool) -> None:
+    def __init__(self, num_samples: int, *, rank: int, world_size: int, seed: int, shuffle: bool,
+                 batch_size: int = 1, drop_last: bool = False) -> None:
         self.num_samples, self.rank, self.world_size, self.seed, self.shuffle = (
             num_samples, rank, world_size, seed, shuffle)
-        self.epoch = 0
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.epoch, self.start_batch = 0, 0
 
     def __iter__(self):
         order = epoch_order(self.num_samples, rank=self.rank, world_size=self.world_size, seed=self.seed,
                             epoch=self.epoch, shuffle=self.shuffle)
+        # A resumed epoch asks the workers for the remaining samples only; each sample's draws are keyed by
+        # (seed, epoch, index), so the remaining batches equal those of an uninterrupted epoch.
+        steps = steps_per_epoch(self.num_samples, self.world_size, self.batch_size, self.drop_last)
+        order = start_at_batch(order, self.start_batch, self.batch_size, steps)
         return iter([(int(i), self.epoch) for i in order])
 
     def __len__(self) -> int:
@@ -134,7 +141,8 @@ class TorchvisionTwoViewLoader:
         check_rank(rank, world_size)
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         self.steps = steps_per_epoch(len(split), world_size, batch_size_per_rank, drop_last)
-        self.sampler = _EpochSampler(len(split), rank=rank, world_size=world_size, seed=seed, shuffle=True)
+        self.sampler = _EpochSampler(len(split), rank=rank, world_size=world_size, seed=seed, shuffle=True,
+                                     batch_size=batch_size_per_rank, drop_last=drop_last)
         self.tally = BadFileTally(max_bad_fraction, len(self.sampler))
         dataset = _SplitDataset(split, [pil_transform(v, resolution) for v in views], seed)
         self.loader = _data_loader(dataset, self.sampler, batch_size_per_rank, workers, device, drop_last,
@@ -143,8 +151,15 @@ class TorchvisionTwoViewLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict | None = None) -> None:
+        """The next iteration yields `epoch` from batch `start_batch` on (nothing before it is read).
+
+        `state` is unused: every draw is keyed by (seed, epoch, index), so (epoch, start_batch) is the position.
+        """
+        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+
+    def position_state(self) -> None:
+        return None
 
     @property
     def bad_files(self) -> list[tuple[str, str]]:
@@ -179,7 +194,8 @@ class TorchvisionEvalLoader:
         self.steps = steps_per_epoch(len(split), world_size, batch_size_per_rank, drop_last=False)
         self.num_samples = len(split)  # the split's size: the gathered epoch beyond it is padding
         self.rank_layout = "strided"  # rank r reads positions r, r + W, ... (`pipelines.loaders.sharding`)
-        self.sampler = _EpochSampler(len(split), rank=rank, world_size=world_size, seed=seed, shuffle=train_aug)
+        self.sampler = _EpochSampler(len(split), rank=rank, world_size=world_size, seed=seed, shuffle=train_aug,
+                                     batch_size=batch_size_per_rank)
         self.tally = BadFileTally(max_bad_fraction, len(self.sampler))
         self.loader = _data_loader(_SplitDataset(split, [transform], seed), self.sampler, batch_size_per_rank,
                                    workers, device, drop_last=False, batches_ahead=batches_ahead)
@@ -187,8 +203,9 @@ class TorchvisionEvalLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields `epoch` from batch `start_batch` on (nothing before it is read)."""
+        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
 
     @property
     def bad_files(self) -> list[tuple[str, str]]:

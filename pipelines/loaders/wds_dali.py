@@ -72,6 +72,9 @@ class _ShardEpochs:
             images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
             pipe.set_outputs(*build_outputs(images, cls, info))
         pipe.build()
+        # A resumed epoch reads past the batches already trained: the reader's shuffle buffer has no position to
+        # restore into a new pipeline, so these batches are decoded again (the other backends start at the batch).
+        skip = self.start_batch
         try:
             done, failures = 0, 0
             while done < self.steps:
@@ -90,6 +93,8 @@ class _ShardEpochs:
                     continue
                 failures = 0
                 done += 1
+                if done <= skip:
+                    continue
                 labels = torch.from_numpy(_parse_labels(cls_out)).to(self.device, non_blocking=True)
                 rows = torch.from_numpy(_parse_rows(info_out)).to(self.device, non_blocking=True)
                 yield [*(_to_torch(out, self.device) for out in outputs), labels, rows]

@@ -135,22 +135,33 @@ class _ReferenceBase:
                                  prefetch_factor=max(1, batches_ahead) if workers > 0 else None)
         self.num_missing = shards.num_missing
         self.skipped_samples = 0  # images that did not decode, over the epochs read so far
+        self.start_batch = 0
 
     def _batches(self) -> Iterator[tuple]:
         """The DataLoader's batches without the bookkeeping fields; tallies each worker's skipped images."""
         per_worker: dict[int, int] = {}
         try:
-            for *fields, worker, skipped in self.loader:
+            for batch, (*fields, worker, skipped) in enumerate(self.loader):
                 per_worker[int(worker[-1])] = int(skipped.max())
-                yield fields
+                if batch >= self.start_batch:  # a resumed epoch reads past what was trained (see set_epoch)
+                    yield fields
         finally:
             self.skipped_samples += sum(per_worker.values())
 
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict | None = None) -> None:
+        """The next iteration yields `epoch` from batch `start_batch` on.
+
+        A shuffle buffer over a stream has no position to slice, so the batches before `start_batch` are read
+        again and dropped (the same batches as an uninterrupted epoch; the `.beton` and folder loaders read nothing
+        before the batch). `state` is unused.
+        """
+        self.stream.epoch, self.start_batch = epoch, start_batch
+
+    def position_state(self) -> None:
+        return None
 
 
 class ReferenceShardTwoViewLoader(_ReferenceBase):
