@@ -37,6 +37,7 @@ from mixmask.evaluation import (
     find_checkpoint,
     knn_scores,
     load_backbone,
+    remap_labels,
     run_dir_of,
     topk_accuracy,
     unshard,
@@ -182,25 +183,15 @@ def _eval_loader(ctx: Context, split: str, *, train_aug: bool):
                              workers=cfg.data.workers, device=run.device, synthetic=synthetic or None)
 
 
-def _num_samples(ctx: Context, loader, split: str) -> int | None:
-    """The dataset size behind an eval loader, to drop the distributed padding; None when unknown."""
-    if ctx.cfg.data.source == "synthetic":
-        return synthetic_kwargs(ctx.cfg, split)["num_images"]
-    for attr in ("num_samples", "dataset"):
-        value = getattr(loader, attr, None)
-        if isinstance(value, int):
-            return value
-        if value is not None and hasattr(value, "__len__"):
-            return len(value)
-    return None
-
-
 def _features(ctx: Context, model: nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs of `model` on the centre crops of a split, every sample once, on every rank."""
+    """Outputs of `model` on the centre crops of a split, every sample once (no distributed padding), on every
+    rank; labels on the train split's class list."""
     loader = _eval_loader(ctx, split, train_aug=False)
     x, y = extract_features(model, loader, ctx.run.device, dtype=ctx.dtype)
-    n = _num_samples(ctx, loader, split)
-    x, y = unshard(x, ctx.run.world_size, n), unshard(y, ctx.run.world_size, n)
+    world, n, layout = ctx.run.world_size, loader.num_samples, loader.rank_layout
+    x, y = unshard(x, world, n, layout), unshard(y, world, n, layout)
+    if split == "val":
+        y = remap_labels(y, ctx.data.val_label_map)
     check_labels(y, ctx.data.num_classes, split)
     return x, y
 
@@ -240,7 +231,7 @@ def linear(ctx: Context) -> tuple[dict, dict]:
         train_loader = _eval_loader(ctx, "train", train_aug=True)
         losses = train_on_images(ctx.backbone, head, train_loader, device=device, dtype=ctx.dtype, **common)
         logits, val_y = _features(ctx, nn.Sequential(ctx.backbone, head).eval(), "val")
-        num_train, num_val = _num_samples(ctx, train_loader, "train"), logits.shape[0]
+        num_train, num_val = train_loader.num_samples, logits.shape[0]
     assert_unchanged(ctx.backbone, reference)
     results = evaluate_logits(logits, val_y)
     return results, {"epochs": cfg.eval.epochs, "lr": cfg.eval.lr, "schedule": cfg.eval.schedule,

@@ -8,6 +8,7 @@ Rank 0 alone writes files and draws the progress view; every rank runs the same 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -16,11 +17,11 @@ from pathlib import Path
 import torch
 
 from mixmask import checkpoint as ckpt_io
-from mixmask import launch
+from mixmask import launch, rundir
 from mixmask.config import Config, derived
 from mixmask.config_cli import add_config_arguments, config_from_args, to_yaml
 from mixmask.errors import UserError, cli_entry
-from mixmask.metrics import MetricsWriter
+from mixmask.metrics import MetricsWriter, drop_records_after
 from mixmask.optim import build_optimizer, lr_at, set_lr
 from mixmask.progress import ProgressView
 from mixmask.provenance import provenance
@@ -89,6 +90,15 @@ def train(cfg: Config, run: launch.Launch) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     view = ProgressView(0, is_main=run.is_main, show_steps=False)
+    # One run per directory; a resume must continue the stored run (same model, data and schedule).
+    _run_lock = rundir.lock_run_dir(run_dir, pid=os.getpid(), is_main=run.is_main, distributed=run.distributed)
+    rundir.refuse_fresh_start_over(ckpt_dir, cfg.run.resume)
+    resume_path = ckpt_io.find_resume(cfg.run.resume, ckpt_dir)
+    resume_notes: list[str] = []
+    if resume_path is not None:  # checked before any work; the weights are restored once the method exists
+        stored = ckpt_io.load_checkpoint(resume_path, map_location="cpu")["config"]
+        resume_notes = rundir.check_resume_config(stored, _config_dict(cfg), checkpoint=resume_path,
+                                                  allow_change=cfg.run.allow_config_change)
     if note := launch.worker_note(cfg.data.workers):
         view.message(note)
 
@@ -120,7 +130,6 @@ def train(cfg: Config, run: launch.Launch) -> int:
 
     # ---- resume (weights, queue, optimizer, schedule position, RNG states)
     epoch, step, skip_batches, loader_state = 0, 0, 0, None
-    resume_path = ckpt_io.find_resume(cfg.run.resume, ckpt_dir)
     if resume_path is not None:
         epoch, step, skip_batches, loader_state = ckpt_io.resume_from(
             resume_path, method=method, optimizer=optimizer, mask_generator=mask_gen, rank=run.rank,
@@ -130,7 +139,14 @@ def train(cfg: Config, run: launch.Launch) -> int:
                          "outputs again (raise run.epochs to train on)")
         else:
             view.message(f"resumed from {resume_path} at epoch {epoch + 1}, step {step}")
+        for note in resume_notes:
+            view.message(note)
     if run.is_main:
+        # Records a killed run wrote past its checkpoint are logged again from here: keep one history.
+        dropped = drop_records_after(run_dir / "metrics.jsonl", step)
+        if dropped:
+            view.message(f"metrics.jsonl: dropped {dropped} records past step {step} (logged after the checkpoint; "
+                         "they are logged again from here)")
         (run_dir / "config.yaml").write_text(to_yaml(cfg, {"computed": comp, "provenance": provenance()}))
 
     # ---- compile before DDP (nanoGPT order); keep `method` as the plain module that gets saved

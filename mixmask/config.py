@@ -132,6 +132,7 @@ class RunConfig:
     out_dir: str = opt("", "run directory; '' = runs/<preset>")
     seed: int = opt(0, "random seed (data order, masks, initialisation)")
     resume: str = opt("auto", "auto (latest checkpoint in out_dir if any), none, or a checkpoint path")
+    allow_config_change: bool = opt(False, "resume even though the model, data or schedule keys changed (deliberate)")
     device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:N")
     precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32",
                          choices=("auto", "bf16", "fp32"))

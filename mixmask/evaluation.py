@@ -81,6 +81,22 @@ def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     return features, label_t
 
 
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm running statistics) to every rank; nothing without a process group.
+
+    Training runs DDP with `broadcast_buffers=False`, so each rank's running statistics follow its own batches,
+    while a checkpoint holds rank 0's. Evaluating every shard with rank 0's buffers evaluates the saved model, and
+    gives the same numbers after a resume (which loads rank 0's buffers on every rank).
+    """
+    if not dist_utils.is_distributed():
+        return
+    import torch.distributed as dist
+
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)
+
+
 def gather_variable(x: torch.Tensor) -> torch.Tensor:
     """Concatenate tensors whose first dimension differs between ranks (evaluation shards), in rank order."""
     import torch.distributed as dist
@@ -112,23 +128,49 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...
     return out
 
 
-def unshard(x: torch.Tensor, world_size: int, num_samples: int | None) -> torch.Tensor:
-    """Undo the strided sharding of an unshuffled evaluation epoch after `gather_variable`, dropping the padding.
+RANK_LAYOUTS = ("strided", "contiguous")
 
-    Rank r visits positions r, r + W, r + 2W, ... of an order padded by wrap-around to a multiple of W
-    (`pipelines.loaders.sharding`), so the rank-major gathered tensor, viewed as (W, P), transposed, is the dataset
-    order; the first `num_samples` rows are the dataset without the duplicated padding. Unknown `num_samples` or a
-    layout that does not match (e.g. a backend that shards differently) returns `x` unchanged.
+
+def unshard(x: torch.Tensor, world_size: int, num_samples: int, layout: str = "strided") -> torch.Tensor:
+    """Undo the sharding of an unshuffled evaluation epoch after `gather_variable`, dropping the padding.
+
+    Every rank yields ceil(N / W) samples. `strided` (`pipelines.loaders.sharding`): rank r visits positions
+    r, r + W, r + 2W, ... of an order padded by wrap-around to a multiple of W, so the rank-major gathered tensor,
+    viewed as (W, P) and transposed, is the dataset order and its first N rows are the dataset once. `contiguous`
+    (webdataset shards): rank r reads positions [N·r // W, N·(r+1) // W) and pads the end of its share, so each
+    rank's leading rows are kept. A gathered size that does not fit is a bug: it raises rather than count twice.
 
     Shape:
         x: (W·P, ...) → (num_samples, ...)
     """
-    if world_size <= 1 or num_samples is None or x.shape[0] % world_size:
+    if layout not in RANK_LAYOUTS:
+        raise ValueError(f"unknown rank layout {layout!r}; valid: {RANK_LAYOUTS}")
+    if world_size <= 1:
+        if x.shape[0] != num_samples:
+            raise RuntimeError(f"an evaluation epoch yielded {x.shape[0]} samples, the split has {num_samples}")
         return x
-    per_rank = x.shape[0] // world_size
-    if per_rank * world_size < num_samples or (per_rank - 1) * world_size >= num_samples:
-        return x
+    per_rank = -(-num_samples // world_size)
+    if x.shape[0] != per_rank * world_size:
+        raise RuntimeError(f"gathered {x.shape[0]} evaluation samples from {world_size} ranks, expected "
+                           f"{per_rank * world_size} ({num_samples} padded to a multiple of the world size)")
+    if layout == "contiguous":
+        spans = [num_samples * (r + 1) // world_size - num_samples * r // world_size for r in range(world_size)]
+        return torch.cat([x[r * per_rank: r * per_rank + n] for r, n in enumerate(spans)])
     return x.view(world_size, per_rank, *x.shape[1:]).transpose(0, 1).reshape(x.shape)[:num_samples]
+
+
+def remap_labels(labels: torch.Tensor, label_map: list[int] | None) -> torch.Tensor:
+    """A held-out split's labels on the train split's class list (`pipelines.sidecar.label_map`); None = same list.
+
+    Shape:
+        labels: (N,) long → (N,) long
+    """
+    if label_map is None or not labels.numel():
+        return labels
+    table = torch.as_tensor(label_map, dtype=torch.long, device=labels.device)
+    if int(labels.min()) < 0 or int(labels.max()) >= len(label_map):
+        raise RuntimeError(f"held-out labels up to {int(labels.max())} but its class list has {len(label_map)}")
+    return table[labels.long()]
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:

@@ -70,10 +70,19 @@ def _save(fig, out: Path) -> Path:
     return out
 
 
-def lambda_values(records: list[dict]) -> list[float]:
-    """The `lam_mean` values of the training records (one per log step; absent for the vanilla branch)."""
-    return [float(r["lam_mean"]) for r in records
-            if r.get("kind") == "train" and isinstance(r.get("lam_mean"), (int, float))]
+def lambda_values(records: list[dict]) -> dict[str, list[float]]:
+    """The logged mean λ per mixed-batch kind (`lam_mean_<kind>`, as the methods write it), one per log step.
+
+    Empty for the vanilla branch; two kinds (`mixmask`, `unmix`) for MixMask*.
+    """
+    values: dict[str, list[float]] = {}
+    for r in records:
+        if r.get("kind") != "train":
+            continue
+        for key, value in r.items():
+            if key.startswith("lam_mean_") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                values.setdefault(key[len("lam_mean_"):], []).append(float(value))
+    return values
 
 
 def plot_lambda_histogram(run_dir: Path, out: Path, *, bins: int = 30) -> Path:
@@ -83,19 +92,21 @@ def plot_lambda_histogram(run_dir: Path, out: Path, *, bins: int = 30) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    values = lambda_values(read_metrics(Path(run_dir) / "metrics.jsonl"))
+    per_kind = lambda_values(read_metrics(Path(run_dir) / "metrics.jsonl"))
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    if values:
-        ax.hist(values, bins=bins, range=(0.0, 1.0), color="tab:blue", edgecolor="white")
-        mean = sum(values) / len(values)
-        ax.axvline(mean, color="tab:red", lw=1.5, label=f"mean {mean:.3f}")
+    colors = ("tab:blue", "tab:orange", "tab:green")
+    for (kind, values), color in zip(sorted(per_kind.items()), colors):
+        ax.hist(values, bins=bins, range=(0.0, 1.0), color=color, edgecolor="white", alpha=0.7,
+                label=f"{kind}: mean {sum(values) / len(values):.3f}")
+    if per_kind:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no λ logged (vanilla branch?)", ha="center", va="center", transform=ax.transAxes)
+    steps = max((len(v) for v in per_kind.values()), default=0)
     ax.set_xlim(0, 1)
     ax.set_xlabel("batch mean λ")
     ax.set_ylabel("log steps")
-    ax.set_title(f"λ over training ({len(values)} log steps)")
+    ax.set_title(f"λ over training ({steps} log steps)")
     return _save(fig, out)
 
 

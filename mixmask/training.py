@@ -27,6 +27,9 @@ class DataPaths:
     num_classes: int
     synthetic_train: dict = field(default_factory=dict)
     synthetic_val: dict = field(default_factory=dict)
+    # Train label id of each held-out class (`pipelines.sidecar.label_map`); None when both splits list the same
+    # classes. Labels come from one class list, the train split's.
+    val_label_map: list[int] | None = None
 
 
 def synthetic_kwargs(cfg: Config, split: str) -> dict:
@@ -43,14 +46,23 @@ def synthetic_beton(cfg: Config, split: str) -> Path:
     return Path(cfg.data.data_dir) / name
 
 
-def _classes_from_sidecar(beton: Path) -> int | None:
-    sidecar = Path(str(beton) + ".json")
-    if sidecar.is_file():
-        try:
-            return len(json.loads(sidecar.read_text())["class_names"])
-        except (ValueError, KeyError):
-            return None
-    return None
+def _class_names_from_sidecar(beton: Path) -> list[str]:
+    from pipelines.sidecar import read_sidecar
+
+    names = read_sidecar(beton).get("class_names")
+    if not isinstance(names, list) or not names:
+        raise UserError(f"{beton}.json (the converter's sidecar) lists no class_names: the class list is unknown")
+    return [str(n) for n in names]
+
+
+def _val_label_map(train_classes: list[str], val_classes: list[str], log: Callable[[str], None]) -> list[int] | None:
+    """The held-out split's labels on the train split's class list; a note when it lacks some classes."""
+    from pipelines.sidecar import label_map, lacking_note
+
+    mapping, lacking = label_map(train_classes, val_classes, other="held-out (val)")
+    if lacking:
+        log(lacking_note(lacking, other="held-out (val)"))
+    return mapping
 
 
 def prepare_data(cfg: Config, run: launch.Launch, log: Callable[[str], None]) -> DataPaths:
@@ -85,16 +97,21 @@ def prepare_data(cfg: Config, run: launch.Launch, log: Callable[[str], None]) ->
             raise UserError(f"data.backend=ffcv reads .beton files, got data.path={cfg.data.path!r}; convert with "
                             f"`python -m pipelines.convert {cfg.data.source} --root DIR --split train --out X.beton`")
         val = Path(cfg.data.val_path) if cfg.data.val_path else train.with_name(train.name.replace("train", "val"))
-        num_classes = _classes_from_sidecar(train)
-        if num_classes is None:
-            raise UserError(f"{train}.json (the converter's sidecar) is missing: the class count is unknown")
-        return DataPaths(train=str(train), val=str(val) if val.is_file() and val != train else None,
-                         num_classes=num_classes)
+        train_classes = _class_names_from_sidecar(train)
+        has_val = val.is_file() and val != train
+        mapping = _val_label_map(train_classes, _class_names_from_sidecar(val), log) if has_val else None
+        return DataPaths(train=str(train), val=str(val) if has_val else None, num_classes=len(train_classes),
+                         val_label_map=mapping)
     from pipelines.sources import open_source
 
     source = open_source(cfg.data.source, train, "train")
     val_root = cfg.data.val_path or cfg.data.path
-    return DataPaths(train=str(train), val=val_root, num_classes=len(source.class_names))
+    try:
+        val_classes: list[str] | None = list(open_source(cfg.data.source, val_root, "val").class_names)
+    except UserError:  # no held-out split here: the loaders say so if one is needed
+        val_classes = None
+    mapping = _val_label_map(list(source.class_names), val_classes, log) if val_classes is not None else None
+    return DataPaths(train=str(train), val=val_root, num_classes=len(source.class_names), val_label_map=mapping)
 
 
 def _shard_paths(cfg: Config, log: Callable[[str], None]) -> DataPaths:
@@ -113,7 +130,11 @@ def _shard_paths(cfg: Config, log: Callable[[str], None]) -> DataPaths:
         val = cfg.data.path
     if val is not None and not is_shard_path(val):
         raise UserError(f"data.val_path={val!r} must be webdataset shards too when data.path holds shards")
-    return DataPaths(train=cfg.data.path, val=val, num_classes=len(train.class_names))
+    mapping = None
+    if val is not None:
+        mapping = _val_label_map(list(train.class_names), list(open_shards(val, "val", cfg.data.shard_url).class_names),
+                                 log)
+    return DataPaths(train=cfg.data.path, val=val, num_classes=len(train.class_names), val_label_map=mapping)
 
 
 def train_order(cfg: Config, path: str | None) -> str:
@@ -154,7 +175,7 @@ def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_p
                              train_aug=False, synthetic=data.synthetic_train or None, **common)
     query = build_eval_loader(cfg.data.backend, path=data.val, split="val", batch_size_per_rank=eval_batch,
                               train_aug=False, synthetic=data.synthetic_val or None, **common)
-    return train, (bank, query, data.num_classes)
+    return train, (bank, query, data.num_classes, data.val_label_map)
 
 
 def build_method_from_config(cfg: Config, num_classes: int | None = None, *, world_size: int = 1) -> torch.nn.Module:
@@ -202,12 +223,20 @@ def build_operator(cfg: Config):
 
 def knn_monitor(backbone: torch.nn.Module, loaders, cfg: Config, device: torch.device, use_bf16: bool) -> float:
     """kNN top-1 (%) of held-out images against the training set's features (every rank takes part)."""
-    from mixmask.evaluation import accuracy, extract_features, knn_predict
+    from mixmask.distributed import get_world_size
+    from mixmask.evaluation import accuracy, broadcast_buffers, extract_features, knn_predict, remap_labels, unshard
 
-    bank_loader, query_loader, num_classes = loaders
+    bank_loader, query_loader, num_classes, val_label_map = loaders
     dtype = torch.bfloat16 if use_bf16 else None
+    world = get_world_size()
+    broadcast_buffers(backbone)  # every rank evaluates the weights rank 0 saves (BN statistics are rank-local)
     bank_x, bank_y = extract_features(backbone, bank_loader, device, dtype=dtype)
     query_x, query_y = extract_features(backbone, query_loader, device, dtype=dtype)
+    # Under torchrun the shards are padded by wrap-around: drop the duplicates so each image counts once.
+    bank_x, bank_y = (unshard(t, world, bank_loader.num_samples, bank_loader.rank_layout) for t in (bank_x, bank_y))
+    query_x, query_y = (unshard(t, world, query_loader.num_samples, query_loader.rank_layout)
+                        for t in (query_x, query_y))
+    query_y = remap_labels(query_y, val_label_map)
     pred = knn_predict(bank_x, bank_y, query_x, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
                        num_classes=num_classes)
     return accuracy(pred, query_y)

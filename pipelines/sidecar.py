@@ -43,3 +43,34 @@ def read_sidecar(beton: str | Path) -> dict:
     if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
         raise UserError(f"{path} is not a mixmask .beton sidecar (no format {SIDECAR_FORMAT!r})")
     return data
+
+
+def label_map(train_classes: list[str], other_classes: list[str], *, other: str) -> tuple[list[int] | None, list[str]]:
+    """Map another split's label ids onto the train split's class list, the one list labels come from.
+
+    Returns (map, lacking): `map[k]` is the train label id of the other split's class k (None when the two lists
+    are the same), and `lacking` the train classes the other split has no folder for (it is still evaluated
+    correctly on the classes it has). A class the train split lacks is a UserError naming it: no train label
+    exists for it.
+    """
+    if list(other_classes) == list(train_classes):
+        return None, []
+    train_id = {name: k for k, name in enumerate(train_classes)}
+    unknown = [name for name in other_classes if name not in train_id]
+    if unknown:
+        raise UserError(f"the {other} split has {len(unknown)} classes the train split lacks ({_names(unknown)}); "
+                        "labels come from the train split's class list: remove them from the "
+                        f"{other} split or convert both splits from the same classes")
+    present = set(other_classes)
+    return [train_id[name] for name in other_classes], [n for n in train_classes if n not in present]
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def lacking_note(lacking: list[str], *, other: str) -> str:
+    """One line: which train classes the other split lacks."""
+    return f"note: the {other} split lacks {len(lacking)} of the train split's classes ({_names(lacking)}); " \
+           "it is evaluated on the classes it has, with the train split's label ids"

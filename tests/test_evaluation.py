@@ -101,8 +101,13 @@ def test_unshard_restores_dataset_order_and_drops_padding():
     shards = [order[r::world] for r in range(world)]
     gathered = torch.from_numpy(np.concatenate(shards))
     assert unshard(gathered, world, n).tolist() == list(range(n))
-    assert unshard(gathered, 1, n) is gathered
-    assert torch.equal(unshard(gathered, world, None), gathered)
+    assert unshard(torch.arange(n), 1, n).tolist() == list(range(n))
+    with pytest.raises(RuntimeError, match="expected 12"):  # a layout that is not the padded one: never guess
+        unshard(gathered[:11], world, n)
+    # Contiguous shares [0, 2), [2, 5), [5, 7), [7, 10), each padded at its end to 3 rows (webdataset shards).
+    spans = [(0, 2), (2, 5), (5, 7), (7, 10)]
+    padded = torch.cat([torch.tensor([*range(lo, hi)] + [hi - 1] * (3 - (hi - lo))) for lo, hi in spans])
+    assert unshard(padded, world, n, "contiguous").tolist() == list(range(n))
 
 
 def test_check_labels():

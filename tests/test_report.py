@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mixmask.metrics import read_metrics
@@ -16,8 +18,30 @@ from mixmask.report import lambda_values, run_summary, to_markdown, write_report
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(root: Path, name: str, *, branch: str, knn: list[float], lam: bool, evals: dict | None = None) -> Path:
-    """A run directory as train.py leaves it: config.yaml, metrics.jsonl (train + knn records), eval JSONs."""
+# The smallest real MixMask* run (both λ kinds logged): 64 synthetic images at 16 px, 4 steps.
+TINY_RUN = [
+    "data.synthetic_images=64", "data.synthetic_val_images=32", "data.resolution=16", "data.batch_size=16",
+    "data.workers=0", "data.backend=torchvision", "method.cifar_stem=false", "method.queue_size=32",
+    "method.branch=mixmask-unmix", "mask.grid_size=4", "run.knn_every=0", "run.progress=false",
+    "run.tensorboard=false", "run.log_every=1", "optim.warmup_epochs=0", "run.epochs=1",
+]
+
+
+@pytest.fixture(scope="module")
+def real_run(repo_root, tmp_path_factory) -> Path:
+    """A run directory written by a real (tiny) train.py run: what the report must read."""
+    out = tmp_path_factory.mktemp("real") / "tiny"
+    proc = subprocess.run([sys.executable, "train.py", "--preset", "demo", *TINY_RUN,
+                           f"data.data_dir={repo_root / 'data' / 'test-cache'}", f"run.out_dir={out}"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def make_run(root: Path, name: str, *, branch: str, knn: list[float], evals: dict | None = None) -> Path:
+    """A run directory shaped like train.py's for the comparison table: config.yaml, metrics.jsonl (train + knn
+    records), eval JSONs. λ is not faked here: the λ tests read a real run (`real_run`)."""
     run = root / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(
@@ -26,8 +50,6 @@ def make_run(root: Path, name: str, *, branch: str, knn: list[float], lam: bool,
     for step in range(10, 210, 10):
         rec = {"kind": "train", "step": step, "loss": 8 * math.exp(-step / 100), "loss_orig": 4 * math.exp(-step / 90),
                "lr": 0.06, "epoch": step // 50}
-        if lam:
-            rec["lam_mean"] = 0.5 + 0.05 * math.sin(step)
         lines.append(json.dumps(rec))
     for i, acc in enumerate(knn):
         lines.append(json.dumps({"kind": "knn", "step": 50 * (i + 1), "epoch": i + 1, "knn_top1": acc}))
@@ -38,23 +60,38 @@ def make_run(root: Path, name: str, *, branch: str, knn: list[float], lam: bool,
     return run
 
 
+def test_lambda_histogram_reads_what_training_writes(real_run):
+    lam = lambda_values(read_metrics(real_run / "metrics.jsonl"))
+    assert sorted(lam) == ["mixmask", "unmix"]  # MixMask*: one λ series per mixed batch
+    assert all(len(v) == 4 and all(0.0 < x < 1.0 for x in v) for v in lam.values())
+    out = write_report([real_run])
+    data = (real_run / "tiny_lambda.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+    assert out["rows"][0]["steps"] == 4 and out["rows"][0]["branch"] == "mixmask-unmix"
+
+
+def test_lambda_histogram_of_a_vanilla_run_is_empty(tmp_path):
+    run = make_run(tmp_path, "vanilla", branch="vanilla", knn=[20.0])
+    assert lambda_values(read_metrics(run / "metrics.jsonl")) == {}
+    write_report([run])
+    assert (run / "vanilla_lambda.png").read_bytes()[:8] == PNG_MAGIC
+
+
 def test_single_run_report_writes_pngs_next_to_the_run(tmp_path):
-    run = make_run(tmp_path, "demo", branch="mixmask", knn=[30.0, 42.5, 41.0], lam=True)
+    run = make_run(tmp_path, "demo", branch="mixmask", knn=[30.0, 42.5, 41.0])
     out = write_report([run])
     for name in ("demo_curves.png", "demo_lambda.png"):
         data = (run / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
-    lam = lambda_values(read_metrics(run / "metrics.jsonl"))
-    assert len(lam) == 20 and all(0.45 <= v <= 0.55 for v in lam)
     row = out["rows"][0]
     assert row["knn_final"] == 41.0 and row["knn_best"] == 42.5 and row["steps"] == 200
     assert row["branch"] == "mixmask" and row["preset"] == "demo-mixmask"
 
 
 def test_comparison_table_of_several_runs(tmp_path):
-    a = make_run(tmp_path / "x", "demo", branch="vanilla", knn=[20.0, 25.0], lam=False,
+    a = make_run(tmp_path / "x", "demo", branch="vanilla", knn=[20.0, 25.0],
                  evals={"linear": {"top1": 51.25, "top5": 90.0}, "knn": {"top1": 24.0, "top5": 70.0}})
-    b = make_run(tmp_path / "y", "demo", branch="mixmask", knn=[22.0, 31.0, 30.5], lam=True,
+    b = make_run(tmp_path / "y", "demo", branch="mixmask", knn=[22.0, 31.0, 30.5],
                  evals={"linear": {"top1": 55.5, "top5": 92.0}, "semisup": {"top1": 40.0, "top5": 80.0}})
     out_dir = tmp_path / "report"
     out = write_report([a, b], out_dir)
@@ -85,8 +122,8 @@ def test_run_summary_reads_final_knn_and_tolerates_missing_files(tmp_path):
 
 
 def test_report_cli(tmp_path, repo_root):
-    a = make_run(tmp_path, "vanilla", branch="vanilla", knn=[20.0], lam=False)
-    b = make_run(tmp_path, "mixmask", branch="mixmask", knn=[25.0], lam=True)
+    a = make_run(tmp_path, "vanilla", branch="vanilla", knn=[20.0])
+    b = make_run(tmp_path, "mixmask", branch="mixmask", knn=[25.0])
     out_dir = tmp_path / "rep"
     proc = subprocess.run([sys.executable, "eval.py", "report", str(a), str(b), "--out", str(out_dir)],
                           cwd=repo_root, capture_output=True, text=True, timeout=120)

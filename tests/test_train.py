@@ -182,7 +182,7 @@ def test_non_finite_loss_stops_with_a_clear_message(repo_root, tmp_path):
     out = tmp_path / "run"
     train(repo_root, out, "run.epochs=4", "run.max_steps=6")  # one good epoch → last.pt
     good = weights(out / "checkpoints" / "last.pt")
-    proc = train(repo_root, out, "run.epochs=4", "optim.base_lr=1e30", check=False)
+    proc = train(repo_root, out, "run.epochs=4", "optim.base_lr=1e30", "run.allow_config_change=true", check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "non-finite" in proc.stderr and "last good checkpoint" in proc.stderr
     after = weights(out / "checkpoints" / "last.pt")

@@ -152,8 +152,9 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
                       max_bad_fraction: float = 0.01) -> Any:
     """Single-view (images, labels) batches, no drop_last: RRC + flip if `train_aug`, else (resize +) centre crop.
 
-    With world_size > 1 the last shard is padded by wrapping (DistributedSampler semantics); gather with the
-    sample indices if duplicates matter.
+    With world_size > 1 the last shard is padded by wrapping (DistributedSampler semantics); the loader's
+    `num_samples` (the split's size) and `rank_layout` (`strided`, or `contiguous` for webdataset shards) let
+    `mixmask.evaluation.unshard` drop the duplicates after a gather.
     """
     cls = None if is_shard_path(path) else _backend(backend, 1)
     common = dict(resolution=resolution, batch_size_per_rank=batch_size_per_rank, train_aug=train_aug, rank=rank,

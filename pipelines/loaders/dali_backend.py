@@ -280,6 +280,8 @@ class DALIEvalLoader(_DALIBase):
         self.resolution, self.train_aug, self.small, self.dtype = resolution, train_aug, small, dtype
         self.mean, self.std, self.channels_last = mean, std, channels_last
         self.count = -(-len(split) // world_size)  # samples per rank; the last batch is trimmed to it
+        self.num_samples = len(split)  # the split's size: the gathered epoch beyond it is padding
+        self.rank_layout = "strided"  # rank r reads positions r, r + W, ... (`pipelines.loaders.sharding`)
 
     def _graph(self, images, labels, index):
         res = self.resolution

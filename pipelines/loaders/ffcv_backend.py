@@ -301,6 +301,8 @@ class FFCVEvalLoader:
             pipelines={"image": [*ops, ToTensor(), ToDevice(self.device, non_blocking=True)],
                        **_label_pipelines(self.device)},
         )
+        self.num_samples = len(self.loader.indices)  # the split's size: the gathered epoch beyond it is padding
+        self.rank_layout = "strided"  # rank r reads positions r, r + W, ... (`pipelines.loaders.sharding`)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -117,9 +117,13 @@ class _EpochSampler(Sampler):
 
 def _data_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, device: torch.device,
                  drop_last: bool, batches_ahead: int) -> DataLoader:
+    # A private generator: DataLoader draws a base seed at every iter() from the global torch RNG otherwise, which
+    # shifts the trainer's own draws (MoCo's shuffle-BN permutation) on a mid-epoch resume. The samples seed
+    # themselves (`_SplitDataset`), so this seed changes no image.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=max(1, batches_ahead) if workers > 0 else None)
+                      prefetch_factor=max(1, batches_ahead) if workers > 0 else None,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def _to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
@@ -188,6 +192,8 @@ class TorchvisionEvalLoader:
             ops = [T.Resize(int(round(resolution / 0.875))), T.CenterCrop(resolution)]
         transform = T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
         self.steps = steps_per_epoch(len(split), world_size, batch_size_per_rank, drop_last=False)
+        self.num_samples = len(split)  # the split's size: the gathered epoch beyond it is padding
+        self.rank_layout = "strided"  # rank r reads positions r, r + W, ... (`pipelines.loaders.sharding`)
         self.sampler = _EpochSampler(len(split), rank=rank, world_size=world_size, seed=seed, shuffle=train_aug,
                                      batch_size=batch_size_per_rank)
         self.tally = BadFileTally(max_bad_fraction, len(self.sampler))

@@ -122,3 +122,4 @@ class DALIShardEvalLoader(_ShardEpochs, DALIEvalLoader):
     def __init__(self, shards: ShardSet, *, shuffle_buffer: int, **kwargs) -> None:
         super().__init__(shards, **kwargs)
         self.shuffle_buffer = shuffle_buffer
+        self.rank_layout = "contiguous"  # rank r reads [N·r // W, N·(r+1) // W), padded at its end

@@ -195,6 +195,8 @@ class ReferenceShardEvalLoader(_ReferenceBase):
         transform = T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
         super().__init__(shards, [transform], drop_last=False, shuffle=train_aug, shuffle_buffer=shuffle_buffer,
                          **kwargs)
+        self.num_samples = len(shards)  # the split's size: the gathered epoch beyond it is padding
+        self.rank_layout = "contiguous"  # rank r reads [N·r // W, N·(r+1) // W), padded at its end
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, _ in self._batches():
