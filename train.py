@@ -81,9 +81,6 @@ def train(cfg: Config, run: launch.Launch) -> int:
     device = run.device
     run_dir = Path(cfg.run.out_dir or f"runs/{cfg.preset or 'custom'}")
     ckpt_dir = run_dir / "checkpoints"
-    if run.is_main:  # a folder that cannot be written is one line now, not a traceback at the first checkpoint
-        launch.check_writable_dir(run_dir, "run.out_dir")
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
     use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -91,7 +88,12 @@ def train(cfg: Config, run: launch.Launch) -> int:
         torch.backends.cudnn.allow_tf32 = True
     view = ProgressView(0, is_main=run.is_main, show_steps=False)
     # One run per directory; a resume must continue the stored run (same model, data and schedule).
-    _run_lock = rundir.lock_run_dir(run_dir, pid=os.getpid(), is_main=run.is_main, distributed=run.distributed)
+    def prepare_run_dir() -> None:  # a folder that cannot be written: one line now, on every rank
+        launch.check_writable_dir(run_dir, "run.out_dir")
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    _run_lock = rundir.lock_run_dir(run_dir, pid=os.getpid(), is_main=run.is_main, distributed=run.distributed,
+                                    prepare=prepare_run_dir)
     rundir.refuse_fresh_start_over(ckpt_dir, cfg.run.resume)
     resume_path = ckpt_io.find_resume(cfg.run.resume, ckpt_dir)
     resume_notes: list[str] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,10 @@ def check_resume_config(stored: dict[str, Any], new: dict[str, Any], *, checkpoi
     return notes
 
 
-def lock_run_dir(run_dir: Path, *, pid: int, is_main: bool, distributed: bool) -> RunLock | None:
-    """Rank 0 takes the lock; every rank raises the same UserError when it is held by another run.
+def lock_run_dir(run_dir: Path, *, pid: int, is_main: bool, distributed: bool,
+                 prepare: Callable[[], object] | None = None) -> RunLock | None:
+    """Rank 0 runs `prepare` (e.g. the check that the folder is writable) and takes the lock; every rank raises the
+    same UserError when either fails.
 
     Every rank must call this (a collective when distributed), so a refused rank 0 does not leave the others
     waiting in the first collective of the run.
@@ -133,6 +136,8 @@ def lock_run_dir(run_dir: Path, *, pid: int, is_main: bool, distributed: bool) -
     lock, error = None, ""
     if is_main:
         try:
+            if prepare is not None:
+                prepare()
             lock = RunLock(run_dir, pid)
         except UserError as err:
             error = str(err)

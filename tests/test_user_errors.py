@@ -152,3 +152,13 @@ def test_a_section_given_a_value_is_one_line_naming_its_keys(repo_root):
 def test_bench_arguments_are_checked_before_any_work(repo_root, args, needles):
     proc = run(repo_root, "bench.py", *args, "--repeats", "1", "--device", "cpu")
     assert_one_line(proc, *needles)
+
+
+def test_out_dir_under_a_file_stops_every_torchrun_rank_in_one_line(repo_root, tmp_path):
+    """Rank 0 checks the folder; the others must stop with it, not wait for it in the first collective."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    proc = run(repo_root, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "train.py", *TINY, "data.backend=torchvision", f"run.out_dir={blocker / 'run'}", timeout=240)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"run.out_dir={blocker / 'run'} lies under") == 2, proc.stderr[-3000:]
