@@ -14,9 +14,8 @@ from pathlib import Path
 
 from mixmask.errors import UserError, did_you_mean
 
-# The paper's one-mask-per-batch setting, by whichever key this version of the config has: `mask.share` (batch |
-# pair | sample) where it exists, else the older `mask.per_sample` flag. The first key that exists is used.
-ONE_MASK_PER_BATCH = (("mask.share", "batch"), ("mask.per_sample", "false"))
+# The paper's one mask per batch (the paper presets' own setting; stated so the row does not depend on it).
+ONE_MASK_PER_BATCH = "mask.share=batch"
 
 # `--scale tiny`: synthetic data, a few CPU steps per run, so the whole pipeline (train, kNN, linear probe,
 # collection) runs in seconds. run.knn_every > 0 makes train.py write final_knn.json; max_steps ends the run before
@@ -41,7 +40,6 @@ class Cell:
     run: str  # run name (a folder name); cells with the same configuration share it
     preset: str
     overrides: tuple[str, ...] = ()
-    optional: tuple[tuple[str, str], ...] = ()  # alternatives: the first key the config has is used
 
     @property
     def key(self) -> str:
@@ -123,8 +121,7 @@ def _permutation(dataset: str) -> list[Cell]:
 
     Its rows (and that it runs on both small datasets) are the project's reading, not yet checked against the paper.
     """
-    return [Cell(label, "MixMask", perm, f"{dataset}-moco-mixmask", (f"mask.permutation={perm}",),
-                 ONE_MASK_PER_BATCH)
+    return [Cell(label, "MixMask", perm, f"{dataset}-moco-mixmask", (f"mask.permutation={perm}", ONE_MASK_PER_BATCH))
             for perm, label in (("reverse", "reverse"), ("random", "random"))]
 
 
@@ -168,19 +165,16 @@ def config_keys() -> set[str]:
 
 
 def expand(table: Table, dataset: str, out_root: Path, *, tiny: bool = False, extra: list[str] | tuple = (),
-           only: list[str] | None = None, keys: set[str] | None = None) -> list[Run]:
+           only: list[str] | None = None) -> list[Run]:
     """The runs of `table` on `dataset`: preset + the cell's overrides (+ tiny scale) + the user's `extra`.
 
-    `only` keeps the runs whose name matches one of the glob patterns; `keys` (default: this config's keys) decides
-    which optional override applies.
+    `only` keeps the runs whose name matches one of the glob patterns.
     """
     from fnmatch import fnmatch
 
-    keys = config_keys() if keys is None else keys
     runs: dict[str, Run] = {}
     for cell in table.cells(dataset):
-        chosen = next(([f"{k}={v}"] for k, v in cell.optional if k in keys), [])
-        overrides = [*cell.overrides, *chosen, *(TINY_OVERRIDES if tiny else ()), *extra]
+        overrides = [*cell.overrides, *(TINY_OVERRIDES if tiny else ()), *extra]
         run = runs.get(cell.run)
         if run is None:
             run = runs[cell.run] = Run(cell.run, cell.preset, overrides, out_root / table.name / dataset / cell.run,
