@@ -94,3 +94,21 @@ def test_uint8_goes_to_the_gpu_and_photometric_runs_there(request):
     beton = request.getfixturevalue("beton")
     batch = next(iter(_make(beton, recipe="byol", device="cuda")(rank=0, world_size=1, seed=0)))
     assert batch.view1.is_cuda and batch.labels.is_cuda and batch.view1.shape == (BATCH, 3, RES, RES)
+
+
+def test_an_epoch_left_near_its_end_stops_ffcvs_thread(beton):
+    """ffcv's thread puts its end-of-epoch marker without a timeout: with the queue full of the epoch's last batches
+    (an epoch left just before them, as run.max_steps or a signal do) it blocked until the 60 s join gave up, and
+    the thread lived on. Closing the epoch must end the thread."""
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    loader = _make(beton)(rank=0, world_size=1, seed=0)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    for _ in range(len(loader) - 2):  # the last 2 batches fill ffcv's queue (batches_ahead = 2) ...
+        next(batches)
+    threading.Event().wait(1.0)  # ... and the thread reaches its end-of-epoch put with the queue full
+    batches.close()
+    assert not any(isinstance(t, EpochIterator) and t.is_alive() for t in threading.enumerate())

@@ -18,6 +18,8 @@ Design choices, each checked against ffcv 1.0.2's sources:
 
 from __future__ import annotations
 
+import queue
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -54,11 +56,18 @@ def _stop(epoch_iter) -> None:
 
     ffcv's `close()` only signals the thread and frees the batch memory at once; a thread still inside its
     numba pipeline then writes freed memory, or is torn down at interpreter exit ("terminate called without an
-    active exception"). The thread checks the signal at least every 0.5 s.
+    active exception"). The thread checks the signal at least every 0.5 s while it submits batches, but at the
+    epoch's end it puts its end marker with no timeout: on a full queue (an epoch left on one of its last batches)
+    it would block for ever, so the queue is drained while waiting.
     """
     epoch_iter.terminate_event.set()
-    if epoch_iter.is_alive():
-        epoch_iter.join(timeout=60)
+    deadline = time.monotonic() + 60
+    while epoch_iter.is_alive() and time.monotonic() < deadline:
+        try:
+            epoch_iter.output_queue.get_nowait()
+        except queue.Empty:
+            pass
+        epoch_iter.join(timeout=0.05)
     epoch_iter.close()
 
 
