@@ -165,12 +165,12 @@ def test_slurm_writes_the_script_and_says_how_to_submit(tmp_path, capsys):
 @pytest.mark.slow
 def test_tiny_table2_end_to_end_then_finished_runs_are_skipped(repo_root, tmp_path):
     data_dir = repo_root / "data" / "test-cache"  # shared by the tests: the synthetic .beton is made once
-    argv = ["table2", "--dataset", "cifar100", "--scale", "tiny", "--only", "moco-vanilla,moco-mixmask",
+    argv = ["table2", "--dataset", "cifar100", "--scale", "tiny", "--only", "moco-mixmask",
             "--out", str(tmp_path), f"data.data_dir={data_dir}"]
     proc = _cli(repo_root, *argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "table2" / "cifar100"
-    runs = {name: out / name for name in ("moco-vanilla", "moco-mixmask")}
+    runs = {name: out / name for name in ("moco-mixmask",)}  # one run keeps CI short; the layout is the same
     for name, run_dir in runs.items():  # what train.py resolved and wrote
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert cfg["preset"] == f"cifar100-{name}" and cfg["method"]["branch"] == name.split("-", 1)[1]
@@ -179,12 +179,12 @@ def test_tiny_table2_end_to_end_then_finished_runs_are_skipped(repo_root, tmp_pa
     assert "Scale tiny" in md and md in proc.stdout
     rows = _md_rows(md)
     paper = load_paper()["tables"]["table2"]["cifar100"]
-    for name, column in (("moco-vanilla", "vanilla"), ("moco-mixmask", "MixMask")):
+    for name, column in (("moco-mixmask", "MixMask"),):
         linear = json.loads((runs[name] / "eval_linear.json").read_text())["results"]["top1"]  # eval.py's record
         assert rows["MoCo"][f"{column} ours"] == f"{linear:.2f}"
         published = paper[f"MoCo/{column}"]
         assert rows["MoCo"][f"{column} paper"] == ("–" if published is None else f"{published['value']:.2f}")
-    assert rows["MoCo"]["Un-Mix ours"] == "–" and rows["SimCLR"]["vanilla ours"] == "–"
+    assert rows["MoCo"]["vanilla ours"] == "–" and rows["SimCLR"]["vanilla ours"] == "–"
     knn_rows = _md_rows(md.split("kNN top-1 (%), ours", 1)[1])
     knn = json.loads((runs["moco-mixmask"] / "final_knn.json").read_text())["knn_top1"]  # train.py's record
     assert knn_rows["MoCo"]["MixMask"] == f"{knn:.2f}"
@@ -197,7 +197,7 @@ def test_tiny_table2_end_to_end_then_finished_runs_are_skipped(repo_root, tmp_pa
     stamps = {name: (d / "backbone.pt").stat().st_mtime_ns for name, d in runs.items()}
     again = _cli(repo_root, *argv)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("finished earlier, skipped") == 2
+    assert again.stderr.count("finished earlier, skipped") == len(runs)
     assert {name: (d / "backbone.pt").stat().st_mtime_ns for name, d in runs.items()} == stamps
     assert (out / "results.md").read_text() == md
 
