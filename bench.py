@@ -229,9 +229,11 @@ def _check_args(args: argparse.Namespace) -> None:
         for name in args.backend:
             if name not in BACKENDS:
                 raise choice_error("loader backend (--backend)", name, BACKENDS)
+        from pipelines.loaders.order import ORDERS
+
         for name in args.ffcv_orders:
-            if name not in ("random", "quasi_random"):
-                raise choice_error("ffcv order (--ffcv-orders)", name, ("random", "quasi_random"))
+            if name not in ORDERS:
+                raise choice_error("ffcv order (--ffcv-orders)", name, ORDERS)
         at_least("--order-window", args.order_window, 1)
         at_least("--resolution", args.resolution, 8)
         at_least("--batch-size", args.batch_size, 1)
