@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mixmask.errors import UserError
+from pipelines.ffcv_import import import_ffcv
 from pipelines.sources import CorruptImageError, Source, decode_file
 
 # Fork keeps the source object (file lists, arrays) shared with workers instead of pickling it per task.
@@ -155,6 +156,7 @@ def write_beton(src: Source, indices: np.ndarray, out: Path, *, write_mode: str,
                 jpeg_quality: int, smart_threshold: int, max_hw: tuple[int, int], num_workers: int, chunksize: int,
                 reporter: Reporter, before_rename: Callable[[float], None]) -> None:
     """Write samples `indices` of `src` to a temporary `.beton` beside `out`, then rename it to `out`."""
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.utils import chunks
     from ffcv.writer import DatasetWriter, worker_job_indexed_dataset

@@ -27,6 +27,7 @@ import torch
 from mixmask.errors import UserError, choice_error
 from mixmask.types import TwoViewBatch
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX, AugSpec, resolve
+from pipelines.ffcv_import import import_ffcv
 from pipelines.loaders.wds_shards import build_shard_loader, is_shard_path
 
 # backend name -> (module, two-view class, eval class or None)
@@ -105,6 +106,8 @@ def _backend(backend: str, kind: int) -> Any:
     module_name, *classes = BACKENDS[backend]
     if classes[kind] is None:
         raise UserError(f"the {backend} backend has no eval loader; use ffcv or torchvision")
+    if backend == "ffcv":
+        import_ffcv()  # before the backend's `from ffcv ...` imports: numba's dict helpers from its disk cache
     return getattr(importlib.import_module(module_name), classes[kind])
 
 
