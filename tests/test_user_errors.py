@@ -21,6 +21,22 @@ def run(repo_root: Path, *args: str, timeout: int = 300, **kwargs) -> subprocess
                           timeout=timeout, **kwargs)
 
 
+def run_side_by_side(repo_root: Path, *commands: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Independent commands at once (each uses one core; most of their time is start-up), in the order given."""
+    procs = [subprocess.Popen([sys.executable, *args], cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=ENV) for args in commands]
+    done = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return done
+
+
 def assert_one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
     """Non-zero exit, no traceback, exactly one line on stderr holding every needle; returns that line."""
     assert proc.returncode != 0, proc.stderr[-2000:]
@@ -69,10 +85,11 @@ def tiny_run(repo_root, tmp_path_factory) -> Path:
 def betons(repo_root, tmp_path_factory) -> Path:
     """A folder with a real train/val pair of .beton files (and sidecars) written by the converter."""
     folder = tmp_path_factory.mktemp("betons")
-    for split in ("train", "val"):
-        proc = run(repo_root, "-m", "pipelines.convert", "synthetic", "--split", split, "--num-images", "40",
-                   "--num-classes", "4", "--resolution", "16", "--workers", "1", "--no-progress",
-                   "--out", str(folder / f"tiny-{split}.beton"))
+    procs = run_side_by_side(repo_root, *(
+        ["-m", "pipelines.convert", "synthetic", "--split", split, "--num-images", "40", "--num-classes", "4",
+         "--resolution", "16", "--workers", "1", "--no-progress", "--out", str(folder / f"tiny-{split}.beton")]
+        for split in ("train", "val")))
+    for proc in procs:
         assert proc.returncode == 0, proc.stderr[-2000:]
     return folder
 
@@ -96,12 +113,14 @@ def test_unreadable_beton_is_one_line(repo_root, tmp_path, betons, damage):
 def test_resume_from_a_checkpoint_of_another_method_is_one_line(repo_root, tmp_path, tiny_run):
     args = [*TINY, "data.backend=torchvision", "data.synthetic_images=16", "data.synthetic_val_images=16",
             "method.name=byol", "run.knn_every=0", f"run.resume={tiny_run / 'checkpoints' / 'last.pt'}"]
+    checked, overridden = run_side_by_side(
+        repo_root, ["train.py", *args, f"run.out_dir={tmp_path / 'run'}"],
+        ["train.py", *args, "run.allow_config_change=true", f"run.out_dir={tmp_path / 'run2'}"])
     # The config check on resume (mixmask.rundir) names the changed keys first ...
-    proc = run(repo_root, "train.py", *args, f"run.out_dir={tmp_path / 'run'}")
-    assert_one_line(proc, "was trained with another config", "method.name 'moco' → 'byol'")
+    assert_one_line(checked, "was trained with another config", "method.name 'moco' → 'byol'")
     # ... and a deliberate override still meets the weights check, one line too.
-    proc = run(repo_root, "train.py", *args, "run.allow_config_change=true", f"run.out_dir={tmp_path / 'run2'}")
-    assert_one_line(proc, "holds a moco/mixmask resnet18, not this run's byol/mixmask resnet18", "run.resume=none")
+    assert_one_line(overridden, "holds a moco/mixmask resnet18, not this run's byol/mixmask resnet18",
+                    "run.resume=none")
 
 
 def test_eval_of_a_checkpoint_with_another_architecture_is_one_line(repo_root, tiny_run):
@@ -122,13 +141,13 @@ def test_out_dir_that_cannot_be_written_is_one_line_before_any_work(repo_root, t
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     folder = blocker / "run" if where == "under a file" else Path("/sys/mixmask-run")  # sysfs refuses even root
-    trained = run(repo_root, "train.py", *TINY, "data.backend=torchvision", f"run.out_dir={folder}")
+    ckpt = str(tiny_run / "checkpoints" / "last.pt")
+    trained, evaluated, exported = run_side_by_side(
+        repo_root, ["train.py", *TINY, "data.backend=torchvision", f"run.out_dir={folder}"],
+        ["eval.py", "knn", "--checkpoint", ckpt, "--out", str(folder / "knn.json")],
+        ["-m", "mixmask.export", ckpt, "--detectron2", str(folder / "d2.pkl")])
     assert_one_line(trained, f"run.out_dir={folder}", "choose")
-    evaluated = run(repo_root, "eval.py", "knn", "--checkpoint", str(tiny_run / "checkpoints" / "last.pt"),
-                    "--out", str(folder / "knn.json"))
     assert_one_line(evaluated, f"--out={folder}", "choose")
-    exported = run(repo_root, "-m", "mixmask.export", str(tiny_run / "checkpoints" / "last.pt"), "--detectron2",
-                   str(folder / "d2.pkl"))
     assert_one_line(exported, f"--detectron2={folder}", "choose")
 
 
