@@ -24,12 +24,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from mixmask import launch
-from mixmask.checkpoint import load_checkpoint
-from mixmask.config import Config
-from mixmask.config_cli import from_dict, resolve, to_dict
 from mixmask.errors import UserError, cli_entry
-from mixmask.evaluation import (
+from mixmask.evaluation.features import (
     accuracy,
     backbone_state,
     check_labels,
@@ -42,7 +38,7 @@ from mixmask.evaluation import (
     topk_accuracy,
     unshard,
 )
-from mixmask.linear_probe import (
+from mixmask.evaluation.linear_probe import (
     assert_unchanged,
     evaluate_logits,
     freeze,
@@ -50,9 +46,13 @@ from mixmask.linear_probe import (
     train_on_features,
     train_on_images,
 )
-from mixmask.provenance import provenance
-from mixmask.semisup import SubsetDataset, balanced_subset, finetune, read_subset_file, subset_loader
-from mixmask.training import DataPaths, prepare_data, synthetic_kwargs
+from mixmask.evaluation.semisup import SubsetDataset, balanced_subset, finetune, read_subset_file, subset_loader
+from mixmask.run import launch
+from mixmask.run.checkpoint import load_checkpoint
+from mixmask.run.config import Config
+from mixmask.run.config_cli import from_dict, resolve, to_dict
+from mixmask.run.provenance import provenance
+from pipelines.prepare import DataPaths, prepare_data, synthetic_kwargs
 
 PROTOCOLS = ("knn", "linear", "semisup")
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torch.manual_seed(cfg.run.seed)
         use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and run.device.type == "cuda")
-        data = prepare_data(cfg, run, log)
+        data = prepare_data(cfg.data, is_main=run.is_main, barrier=launch.barrier, log=log)
         if data.val is None and cfg.data.source != "synthetic":
             raise UserError("no held-out split found: set data.val_path (a .beton for ffcv, a dataset root otherwise)")
         if args.num_classes is not None and args.num_classes != data.num_classes:
@@ -243,7 +243,7 @@ def _train_source(cfg: Config):
     from pipelines.sources import open_source
 
     if cfg.data.source == "synthetic":
-        return open_source("synthetic", split="train", **synthetic_kwargs(cfg, "train"))
+        return open_source("synthetic", split="train", **synthetic_kwargs(cfg.data, "train"))
     if cfg.data.path.endswith(".beton"):
         raise UserError("semisup reads its labelled subset from the dataset itself, not a .beton: pass "
                         "data.path=<dataset root> with data.backend=torchvision (or dali)")
@@ -290,7 +290,7 @@ def semisup(ctx: Context) -> tuple[dict, dict]:
 
 
 def report(args: argparse.Namespace) -> int:
-    from mixmask.report import format_cell, write_report
+    from mixmask.run.report import format_cell, write_report
 
     for d in args.run_dirs:
         if not d.is_dir():

@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="checkpoints/last.pt or backbone.pt of a run")
     parser.add_argument("--detectron2", type=Path, required=True, help="output .pkl for detectron2")
     args = parser.parse_args(argv)
-    from mixmask.checkpoint import load_checkpoint
+    from mixmask.run.checkpoint import load_checkpoint
 
     if not args.checkpoint.is_file():
         raise UserError(f"checkpoint {str(args.checkpoint)!r} does not exist")
-    from mixmask.launch import check_writable_dir
+    from mixmask.run.launch import check_writable_dir
 
     check_writable_dir(args.detectron2.parent, "--detectron2")
     try:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mixmask.backbones import build_backbone
+from mixmask.core.backbones import build_backbone
 from mixmask.errors import UserError
-from mixmask.evaluation import (
+from mixmask.evaluation.features import (
     backbone_state,
     check_labels,
     find_checkpoint,
@@ -21,7 +21,7 @@ from mixmask.evaluation import (
     run_dir_of,
     unshard,
 )
-from mixmask.linear_probe import (
+from mixmask.evaluation.linear_probe import (
     assert_unchanged,
     changed_keys,
     evaluate_logits,
@@ -31,7 +31,7 @@ from mixmask.linear_probe import (
     train_on_features,
     train_on_images,
 )
-from mixmask.semisup import SubsetDataset, balanced_subset, read_subset_file, subset_loader
+from mixmask.evaluation.semisup import SubsetDataset, balanced_subset, read_subset_file, subset_loader
 
 # ---- kNN
 

@@ -9,11 +9,11 @@ import sys
 import torch
 import torchvision
 
-from mixmask.backbones import build_backbone
-from mixmask.checkpoint import save_atomic
-from mixmask.config_cli import resolve, to_dict
+from mixmask.core.backbones import build_backbone
 from mixmask.export import backbone_state_dict, to_detectron2
-from mixmask.training import build_method_from_config
+from mixmask.run.build import build_method_from_config
+from mixmask.run.checkpoint import save_atomic
+from mixmask.run.config_cli import resolve, to_dict
 
 
 def test_method_backbone_exports_torchvision_names():

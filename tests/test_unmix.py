@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mixmask.mixing import reverse_permutation
-from mixmask.unmix import cutmix_box, sample_beta, unmix
+from mixmask.core.mixing import reverse_permutation
+from mixmask.core.unmix import cutmix_box, sample_beta, unmix
 
 
 def rand_bbox_reference(height: int, width: int, lam: float, centre_row: int, centre_col: int):

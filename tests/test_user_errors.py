@@ -96,7 +96,7 @@ def test_unreadable_beton_is_one_line(repo_root, tmp_path, betons, damage):
 def test_resume_from_a_checkpoint_of_another_method_is_one_line(repo_root, tmp_path, tiny_run):
     args = [*TINY, "data.backend=torchvision", "data.synthetic_images=16", "data.synthetic_val_images=16",
             "method.name=byol", "run.knn_every=0", f"run.resume={tiny_run / 'checkpoints' / 'last.pt'}"]
-    # The config check on resume (mixmask.rundir) names the changed keys first ...
+    # The config check on resume (mixmask.run.rundir) names the changed keys first ...
     proc = run(repo_root, "train.py", *args, f"run.out_dir={tmp_path / 'run'}")
     assert_one_line(proc, "was trained with another config", "method.name 'moco' → 'byol'")
     # ... and a deliberate override still meets the weights check, one line too.

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from mixmask.batches import TwoViewBatch
 from mixmask.errors import UserError, choice_error
-from mixmask.types import TwoViewBatch
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX, AugSpec, resolve
 from pipelines.loaders.wds_shards import build_shard_loader, is_shard_path
 
@@ -154,7 +154,7 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
 
     With world_size > 1 the last shard is padded by wrapping (DistributedSampler semantics); the loader's
     `num_samples` (the split's size) and `rank_layout` (`strided`, or `contiguous` for webdataset shards) let
-    `mixmask.evaluation.unshard` drop the duplicates after a gather.
+    `mixmask.evaluation.features.unshard` drop the duplicates after a gather.
     """
     cls = None if is_shard_path(path) else _backend(backend, 1)
     common = dict(resolution=resolution, batch_size_per_rank=batch_size_per_rank, train_aug=train_aug, rank=rank,

@@ -32,8 +32,8 @@ from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.tensors import TensorListGPU
 
+from mixmask.batches import TwoViewBatch
 from mixmask.errors import UserError
-from mixmask.types import TwoViewBatch
 from pipelines.augment import AugSpec
 from pipelines.loaders import SplitImages
 from pipelines.loaders.bad_files import BadFileTally, encoded_bytes, first_readable

@@ -43,8 +43,8 @@ from ffcv.pipeline.state import State
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
+from mixmask.batches import TwoViewBatch
 from mixmask.errors import UserError
-from mixmask.types import TwoViewBatch
 from pipelines.augment import AugSpec
 from pipelines.loaders.order import ORDERS, quasi_random_order, sample_pages, start_at_batch
 from pipelines.loaders.sharding import batch_seed, check_rank, epoch_order

@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from mixmask.types import TwoViewBatch
+from mixmask.batches import TwoViewBatch
 from pipelines.augment import AugSpec
 from pipelines.loaders import SplitImages
 from pipelines.loaders.bad_files import BadFileTally, first_readable

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T
 
-from mixmask.types import TwoViewBatch
+from mixmask.batches import TwoViewBatch
 from pipelines.augment import AugSpec
 from pipelines.loaders.sharding import check_rank, samples_per_rank, steps_per_epoch
 from pipelines.loaders.torchvision_backend import _sample_seed, _to_device, pil_transform

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixmask import distributed as dist_utils
-from mixmask.evaluation import gather_variable, topk_accuracy
+from mixmask.core import distributed as dist_utils
+from mixmask.evaluation.features import gather_variable, topk_accuracy
 
 
 def linear_lr(epoch: float, epochs: int, base_lr: float, schedule: str, milestones: tuple[float, ...] = (0.6, 0.8)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixmask.errors import UserError
-from mixmask.linear_probe import linear_lr
+from mixmask.evaluation.linear_probe import linear_lr
 
 
 def balanced_subset(labels: Sequence[int] | np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixmask import distributed as dist_utils
+from mixmask.core import distributed as dist_utils
 from mixmask.errors import UserError
 
 
@@ -226,7 +226,7 @@ def load_backbone(state: dict[str, torch.Tensor], arch: str, *, cifar_stem: bool
     The load is non-strict only to turn a mismatch into a clear message: missing and unexpected keys are checked
     to be exactly none (the MoCo v3 habit of asserting the exact missing keys).
     """
-    from mixmask.backbones import build_backbone
+    from mixmask.core.backbones import build_backbone
 
     backbone, feature_dim = build_backbone(arch, cifar_stem=cifar_stem)
     expected = backbone.state_dict()
