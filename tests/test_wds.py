@@ -197,7 +197,7 @@ def test_dali_and_the_reference_reader_read_the_same_samples_per_rank(tmp_path, 
 
 
 def test_partition_helpers_against_a_direct_count():
-    from pipelines.loaders.wds_reference import worker_runs
+    from pipelines.loaders.wds_reference import batch_workers, worker_runs
     from pipelines.loaders.wds_shards import rank_span
     from pipelines.wds import assign_to_shards
 
@@ -209,6 +209,8 @@ def test_partition_helpers_against_a_direct_count():
     assert [hi - lo for lo, hi in (rank_span(21, r, 4) for r in range(4))] == [5, 5, 5, 6]  # DALI: 0,5,10,15,21
     runs = worker_runs(21, 3, 2)  # 7 batches over 2 workers: 4 + 3 whole batches
     assert runs == [(0, 12), (12, 21)]
+    assert batch_workers(runs, 3) == [0, 1, 0, 1, 0, 1, 0]  # the DataLoader's round robin
+    assert batch_workers(worker_runs(11, 3, 3), 3) == [0, 1, 0, 1]  # 2 + 2 batches (one partial), one idle worker
     parts = assign_to_shards(25, 10, seed=1)
     assert [len(p) for p in parts] == [10, 10, 5] and sorted(np.concatenate(parts).tolist()) == list(range(25))
     assert all(np.array_equal(a, b) for a, b in zip(parts, assign_to_shards(25, 10, seed=1)))

@@ -59,6 +59,7 @@ class _ShardEpochs:
     split: ShardSet
     shuffle_buffer: int
     skipped_batches: int = 0  # batches dropped because an image in them did not decode
+    decoded_samples: int = 0  # samples of the batches the pipeline ran (its prefetch queue may hold more)
 
     def set_epoch(self, epoch: int, start_batch: int = 0, state: dict | None = None) -> None:
         """The next iteration yields `epoch` from batch `start_batch` on; `state` from `position_state()` resumes
@@ -95,6 +96,7 @@ class _ShardEpochs:
         try:
             failures = 0
             while done < self.steps:
+                self.decoded_samples += self.batch_size
                 try:
                     *outputs, cls_out, info_out = pipe.run()
                 except RuntimeError as err:
