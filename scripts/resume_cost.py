@@ -55,6 +55,7 @@ def _left_at(loader, batch: int) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=4096)
+    parser.add_argument("--readers", default="ffcv,dali,torchvision", help="comma-separated subset to measure")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
     convert("synthetic", root / "synthetic.beton", num_images=args.num_images, resolution=RES, workers=2)
@@ -64,7 +65,7 @@ def main() -> None:
                ("torchvision", "shards", root / "shards"))
     print(f"{args.num_images // BATCH} steps/epoch, resume at the last batch (batch {BATCH}, {RES} px, mocov2, "
           f"{WORKERS} workers, shuffle buffer 4096; time median of 3 after a warm-up)")
-    for backend, storage, path in readers:
+    for backend, storage, path in (r for r in readers if r[0] in args.readers.split(",")):
         loader = functools.partial(build_two_view_loader, backend, source="synthetic", path=str(path),
                                    resolution=RES, batch_size_per_rank=BATCH, recipe="mocov2", rank=0, world_size=1,
                                    seed=0, workers=WORKERS, device=torch.device("cpu"))

@@ -235,9 +235,35 @@ def test_shard_resume_inside_the_padding_of_an_uneven_rank(shards, backend, batc
         straight.set_epoch(EPOCH)
         full = _batches(straight)
         state = _left_at(_shard_loader(backend, shards, **kwargs), start)
-        resumed = _shard_loader(backend, shards, **kwargs)
-        resumed.set_epoch(EPOCH, start_batch=start, state=state)
-        rest = _batches(resumed)
-        _assert_same(rest, full[start:])
-        if backend == "torchvision":  # each remaining sample once; padding alone decodes the last one handed out
-            assert resumed.decoded_samples == len(set(torch.cat([b.index for b in rest]).tolist()))
+        for position in (state, None):
+            resumed = _shard_loader(backend, shards, **kwargs)
+            resumed.set_epoch(EPOCH, start_batch=start, state=position)
+            rest = _batches(resumed)
+            _assert_same(rest, full[start:])
+            if backend == "torchvision":  # each remaining sample once; padding alone decodes the last one handed out
+                assert resumed.decoded_samples == len(set(torch.cat([b.index for b in rest]).tolist()))
+
+
+def test_reference_shards_resume_leaves_the_tars_it_trained_through_unopened(shards, monkeypatch):
+    import webdataset
+
+    opened: list[str] = []
+    shard_list = webdataset.SimpleShardList
+
+    def record(urls, *args, **kwargs):  # workers=0: the stream runs in this process
+        opened.extend(urls)
+        return shard_list(urls, *args, **kwargs)
+
+    monkeypatch.setattr(webdataset, "SimpleShardList", record)
+    straight = _shard_loader("torchvision", shards, workers=0)
+    straight.set_epoch(EPOCH)
+    full = _batches(straight)
+    every_tar = set(opened)
+    start = len(full) - 2
+    state = _left_at(_shard_loader("torchvision", shards, workers=0), start)
+    opened.clear()
+    resumed = _shard_loader("torchvision", shards, workers=0)
+    resumed.set_epoch(EPOCH, start_batch=start, state=state)
+    _assert_same(_batches(resumed), full[start:])
+    assert set(opened) < every_tar  # the tars whose samples all left the buffer before batch `start`: not read
+    assert resumed.decoded_samples == 2 * BATCH

@@ -92,7 +92,7 @@ class _ShardEpochs:
         pipe.build()
         # Restored, the pipeline continues at the batch it was left at; without a recorded position the epoch is
         # read from its start and the trained batches dropped (the shuffle buffer's position is DALI's alone).
-        done = self.start_batch if restore else 0
+        done, failed = (self.start_batch if restore else 0), False
         try:
             failures = 0
             while done < self.steps:
@@ -117,10 +117,14 @@ class _ShardEpochs:
                 labels = torch.from_numpy(_parse_labels(cls_out)).to(self.device, non_blocking=True)
                 rows = torch.from_numpy(_parse_rows(info_out)).to(self.device, non_blocking=True)
                 yield [*(_to_torch(out, self.device) for out in outputs), labels, rows]
+        except Exception:
+            failed = True  # an epoch that failed has no position to resume from
+            raise
         finally:
             # DALI's checkpoint after the batches handed out (its prefetch queue accounted for), tagged with this
             # reader so that a folder pipeline's checkpoint is never restored into a shard pipeline.
-            self._position = {"epoch": self.epoch, "batch": done, "reader": READER_TAG, "dali": pipe.checkpoint()}
+            self._position = None if failed else {"epoch": self.epoch, "batch": done, "reader": READER_TAG,
+                                                  "dali": pipe.checkpoint()}
             del pipe
             if folder is not None:
                 folder.cleanup()

@@ -10,16 +10,19 @@ drawn from a torch stream seeded by (seed, epoch, row), as in the torchvision ba
 to decode is skipped (the padding fills its slot) and counted in the loader's `skipped_samples`.
 
 Resume without replay: the buffer's choices depend only on its seed and on how many samples entered it, never on
-their bytes, so a worker that streams its run again passes the samples the trainer already had straight from the
-shuffle buffer to the bin, undecoded, and decodes from its resume point on: the remaining batches are those of the
-uninterrupted epoch, pixels included. Where each worker stood (samples out of its buffer, items handed out) is
-recorded with the batches the trainer consumed (`position_state()`), so a decode failure before the resume point
-is accounted for; without a record it is derived from the batch (exact unless an image failed to decode).
+their bytes, so a resumed worker passes the samples the trainer already had straight from the shuffle buffer to
+the bin, undecoded, and decodes from its resume point on: the remaining batches are those of the uninterrupted
+epoch, pixels included. A tar whose samples all left the buffer before that point is not even opened (key-only
+stand-ins take its samples' places in the buffer). Where each worker stood (samples out of its buffer, items
+handed out) is recorded with the batches the trainer consumed (`position_state()`), so a decode failure before the
+resume point is accounted for; without a record it is derived from the batch (exact unless an image failed to
+decode).
 `decoded_samples` counts the samples handed to the decoder.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections import deque
@@ -80,8 +83,8 @@ class _ShardStream(IterableDataset):
     def _go_on(err: Exception) -> bool:
         return True  # a damaged tar: the samples it loses are counted once the stream ends
 
-    def _run(self, worker: int, num_workers: int) -> tuple[list[str], set[int], int]:
-        """(shard urls to stream, rows to keep, slots to fill) of one worker in this epoch."""
+    def _run(self, worker: int, num_workers: int) -> tuple[list[tuple[str, list[int]]], int]:
+        """([(shard url, its rows in the run, stored order)], slots to fill) of one worker in this epoch."""
         order = epoch_shard_order(len(self.shards.urls), seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
         counts = self.shards.counts()[order]
         lo, hi = rank_span(int(counts.sum()), self.rank, self.world_size)
@@ -92,17 +95,36 @@ class _ShardStream(IterableDataset):
         if first >= end:  # a run made only of padding: it repeats the share's last sample
             first, end = hi - 1, hi
         starts = np.concatenate([[0], np.cumsum(counts)])
-        urls, rows = [], set()
+        parts = []
         for pos, k in enumerate(order):
             a, b = max(first, starts[pos]), min(end, starts[pos + 1])
             if a < b:
-                urls.append(self.shards.urls[k])
-                rows.update(int(r) for r in self.shards.rows[k][a - starts[pos]:b - starts[pos]])
-        return urls, rows, stop - start
+                parts.append((self.shards.urls[k], self.shards.rows[k][a - starts[pos]:b - starts[pos]].tolist()))
+        return parts, stop - start
 
-    def _samples(self, urls: list[str], rows: set[int], seen: set[int], worker: int) -> Iterator[dict]:
-        """The run's raw samples (undecoded members) in the order its shuffle buffer lets them out."""
+    def _shuffled(self, stream: Iterator, worker: int) -> Iterator:
+        """`stream` through this worker's shuffle buffer, seeded by (seed, epoch, rank, worker)."""
         import webdataset as wds
+
+        if not (self.shuffle and self.shuffle_buffer > 1):
+            return stream
+        rng = random.Random(int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker])
+                                .generate_state(1)[0]))
+        return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)
+
+    def _samples(self, parts: list[tuple[str, list[int]]], seen: set[int], worker: int, skip: int) -> Iterator[dict]:
+        """The run's raw samples (undecoded members) in the order its shuffle buffer lets them out.
+
+        Resumed after `skip` samples, a shard whose samples all left the buffer before the last of those is not
+        opened: stand-ins holding only the key enter the buffer in its place (the buffer's choices depend on
+        counts alone), and are passed over undecoded with the rest of the trained samples.
+        """
+        import webdataset as wds
+
+        in_order = [r for _, part in parts for r in part]
+        rows = set(in_order)
+        # the last sample passed may pad the run (a skip derived from the batch may count padding): read for real
+        gone = set(itertools.islice(self._shuffled(iter(in_order), worker), max(0, min(skip, len(in_order)) - 1)))
 
         def wanted(sample: dict) -> bool:
             keep = sample["__key__"].isdigit() and int(sample["__key__"]) in rows
@@ -110,12 +132,16 @@ class _ShardStream(IterableDataset):
                 seen.add(int(sample["__key__"]))
             return keep
 
-        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=self._go_on), wds.select(wanted)]
-        if self.shuffle and self.shuffle_buffer > 1:
-            rng = random.Random(int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker])
-                                    .generate_state(1)[0]))
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        return iter(wds.DataPipeline(*stages))
+        def source() -> Iterator[dict]:
+            for url, part in parts:
+                if gone.issuperset(part):
+                    seen.update(part)
+                    yield from ({"__key__": str(r)} for r in part)
+                else:
+                    yield from wds.DataPipeline(wds.SimpleShardList([url]),
+                                                wds.tarfile_to_samples(handler=self._go_on), wds.select(wanted))
+
+        return self._shuffled(source(), worker)
 
     def _item(self, decode, sample: dict, worker: int, position: int) -> tuple | None:
         """(views..., label, row, worker, position) of a raw sample, or None when its image does not decode."""
@@ -137,7 +163,7 @@ class _ShardStream(IterableDataset):
 
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        urls, rows, slots = self._run(worker, num_workers)
+        parts, slots = self._run(worker, num_workers)
         self.skipped = self.decoded = 0  # per epoch: the loader adds each epoch's counts up
         skip, emitted = self.resume[worker] if self.resume else (0, 0)
         if slots == emitted:
@@ -145,7 +171,7 @@ class _ShardStream(IterableDataset):
         decode = wds.autodecode.Decoder([wds.autodecode.imagehandler("pilrgb")])
         seen: set[int] = set()
         position, item, passed = 0, None, None
-        for sample in self._samples(urls, rows, seen, worker):
+        for sample in self._samples(parts, seen, worker, skip):
             if emitted == slots:
                 break  # drop_last: the rest of this run does not fit a whole batch of the rank
             position += 1
@@ -157,12 +183,12 @@ class _ShardStream(IterableDataset):
                 emitted += 1
                 yield (*item, self.skipped, self.decoded)  # the counts travel to the main process
         else:
-            self.skipped += len(rows) - len(seen)  # wanted samples that no tar delivered
+            self.skipped += sum(len(part) for _, part in parts) - len(seen)  # wanted samples no tar delivered
         if item is None and passed is not None and emitted < slots:
             # resumed inside the padding: it repeats the last item handed out, the last sample passed
             item = self._item(decode, passed, worker, skip)
         if item is None:
-            raise RuntimeError(f"rank {self.rank} worker {worker} read no sample from {urls}")
+            raise RuntimeError(f"rank {self.rank} worker {worker} read no sample from {[u for u, _ in parts]}")
         for _ in range(slots - emitted):  # padding: every rank runs the same number of steps
             yield (*item, self.skipped, self.decoded)
 
