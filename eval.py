@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(ckpt["config"], dict):
         raise UserError(f"{ckpt_path} has no stored config dict; it was not written by train.py")
     cfg = resolve(None, None, args.overrides, base=from_dict(ckpt["config"]))
-    state = backbone_state(ckpt["method"])
-    if not state:
-        raise UserError(f"{ckpt_path} holds no backbone.* weights; it was not written by train.py")
+    state = backbone_state(ckpt["method"], source=str(ckpt_path))
     backbone, feature_dim = load_backbone(state, cfg.method.arch, cifar_stem=cfg.method.cifar_stem,
                                           source=str(ckpt_path))
     trained_for = {"checkpoint_epoch": ckpt.get("epoch"), "checkpoint_step": ckpt.get("step")}
@@ -196,6 +194,14 @@ def _features(ctx: Context, model: nn.Module, split: str) -> tuple[torch.Tensor,
     return x, y
 
 
+def _ddp(module: nn.Module, run: launch.Launch) -> nn.Module:
+    """`module` DDP-wrapped when distributed (DDP averages the gradients of the ranks' shards), else itself."""
+    if not run.distributed:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == "cuda"
+                                               else None)
+
+
 # ---- protocols: each returns (results, extra facts for the JSON)
 
 
@@ -229,7 +235,8 @@ def linear(ctx: Context) -> tuple[dict, dict]:
         num_train, num_val = train_x.shape[0], val_x.shape[0]
     else:
         train_loader = _eval_loader(ctx, "train", train_aug=True)
-        losses = train_on_images(ctx.backbone, head, train_loader, device=device, dtype=ctx.dtype, **common)
+        losses = train_on_images(ctx.backbone, _ddp(head, ctx.run), train_loader, device=device, dtype=ctx.dtype,
+                                 **common)
         logits, val_y = _features(ctx, nn.Sequential(ctx.backbone, head).eval(), "val")
         num_train, num_val = train_loader.num_samples, logits.shape[0]
     assert_unchanged(ctx.backbone, reference)
@@ -271,11 +278,7 @@ def semisup(ctx: Context) -> tuple[dict, dict]:
     torch.manual_seed(cfg.run.seed)
     model = nn.Sequential(ctx.backbone, linear_head(ctx.feature_dim, ctx.data.num_classes)).to(run.device)
     ctx.backbone.requires_grad_(True)
-    trained: nn.Module = model
-    if run.distributed:
-        trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    losses = finetune(trained, loader, epochs=cfg.eval.epochs, backbone_lr=cfg.eval.semisup_lr,
+    losses = finetune(_ddp(model, run), loader, epochs=cfg.eval.epochs, backbone_lr=cfg.eval.semisup_lr,
                       head_lr=10 * cfg.eval.semisup_lr, device=run.device, dtype=ctx.dtype)
     logits, val_y = _features(ctx, model, "val")
     results = evaluate_logits(logits, val_y)

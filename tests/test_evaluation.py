@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mixmask.core.backbones import build_backbone
+from mixmask.core.schedule import lr_at
 from mixmask.errors import UserError
 from mixmask.evaluation.features import (
     backbone_state,
@@ -27,7 +28,6 @@ from mixmask.evaluation.linear_probe import (
     evaluate_logits,
     freeze,
     linear_head,
-    linear_lr,
     train_on_features,
     train_on_images,
 )
@@ -154,6 +154,9 @@ def test_find_checkpoint(tmp_path):
 
 
 def test_linear_lr_schedules():
+    def linear_lr(epoch, epochs, base_lr, schedule):  # the probe's schedule: no warm-up (MoCo's main_lincls.py)
+        return lr_at(epoch, total_steps=epochs, warmup_steps=0, peak_lr=base_lr, schedule=schedule)
+
     assert linear_lr(0, 100, 30.0, "step") == 30.0
     assert linear_lr(59.9, 100, 30.0, "step") == 30.0
     assert linear_lr(60, 100, 30.0, "step") == pytest.approx(3.0)

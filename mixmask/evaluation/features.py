@@ -213,9 +213,13 @@ def describe_backbone(state: dict[str, torch.Tensor]) -> str:
     return f"{arch} ({stem})"
 
 
-def backbone_state(method_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The `backbone.*` entries of a method state dict, prefix removed (torchvision names)."""
-    return {k[len("backbone."):]: v for k, v in method_state.items() if k.startswith("backbone.")}
+def backbone_state(method_state: dict[str, torch.Tensor], source: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """The `backbone.*` entries of a method state dict, prefix removed (torchvision names, no `fc.*`); UserError
+    naming `source` when there are none."""
+    state = {k[len("backbone."):]: v for k, v in method_state.items() if k.startswith("backbone.")}
+    if not state:
+        raise UserError(f"{source} holds no backbone.* weights; it was not written by train.py")
+    return state
 
 
 def load_backbone(state: dict[str, torch.Tensor], arch: str, *, cifar_stem: bool, source: str

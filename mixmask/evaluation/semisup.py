@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixmask.core.schedule import lr_at
 from mixmask.errors import UserError
-from mixmask.evaluation.linear_probe import linear_lr
 
 
 def balanced_subset(labels: Sequence[int] | np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -140,7 +140,8 @@ def finetune(model: nn.Module, loader: Iterable, *, epochs: int, backbone_lr: fl
         total, count = torch.zeros((), device=device), 0
         for i, (images, y) in enumerate(loader):
             for group in optimizer.param_groups:
-                group["lr"] = linear_lr(epoch + i / steps, epochs, group["base_lr"], "cosine")
+                group["lr"] = lr_at(epoch * steps + i, total_steps=epochs * steps, warmup_steps=0,
+                                    peak_lr=group["base_lr"], schedule="cosine")
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(images.to(device, non_blocking=True))
             loss = F.cross_entropy(logits.float(), y.to(device))
