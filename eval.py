@@ -271,8 +271,7 @@ def semisup(ctx: Context) -> tuple[dict, dict]:
         indices = balanced_subset(labels, cfg.eval.semisup_fraction, cfg.run.seed)
         subset_name = f"balanced {cfg.eval.semisup_fraction:g}, seed {cfg.run.seed}"
     check_labels(torch.from_numpy(labels[indices]), ctx.data.num_classes, "labelled subset")
-    dataset = SubsetDataset(source, indices, resolution=cfg.data.resolution, train_aug=True, mean=IMAGENET_MEAN,
-                            std=IMAGENET_STD)
+    dataset = SubsetDataset(source, indices, resolution=cfg.data.resolution, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     loader = subset_loader(dataset, batch_size_per_rank=max(2, cfg.eval.batch_size // run.world_size),
                            rank=run.rank, world_size=run.world_size, workers=cfg.data.workers, seed=cfg.run.seed)
     torch.manual_seed(cfg.run.seed)

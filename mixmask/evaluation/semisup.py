@@ -77,23 +77,19 @@ def read_subset_file(path: str | Path, num_samples: int, names: Sequence[str | N
 
 
 class SubsetDataset(torch.utils.data.Dataset):
-    """The labelled subset of a `pipelines.sources.Source`: (image tensor, label) pairs, augmented per image.
+    """The labelled subset of a `pipelines.sources.Source` to fine-tune on: (image tensor, label) pairs, augmented
+    per image with random-resized-crop (scale 0.08-1) + horizontal flip, normalised with `mean` / `std`.
 
-    Training: random-resized-crop (scale 0.08-1) + horizontal flip; otherwise resize + centre crop (ratio 1.0 at
-    <= 64 px, 0.875 above, as the eval loaders). Normalised with `mean` / `std`.
+    Validation does not come through here: it uses the configured eval loader, whose centre crop every backend
+    shares (`pipelines.augment.EVAL_CROP_RATIO`).
     """
 
-    def __init__(self, source, indices: np.ndarray, *, resolution: int, train_aug: bool,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]):
+    def __init__(self, source, indices: np.ndarray, *, resolution: int, mean: tuple[float, float, float],
+                 std: tuple[float, float, float]):
         from torchvision import transforms as T
 
         self.source, self.indices = source, np.asarray(indices, dtype=np.int64)
-        if train_aug:
-            geometric = [T.RandomResizedCrop(resolution, scale=(0.08, 1.0), antialias=True),
-                         T.RandomHorizontalFlip()]
-        else:
-            ratio = 1.0 if resolution <= 64 else 0.875
-            geometric = [T.Resize(int(round(resolution / ratio)), antialias=True), T.CenterCrop(resolution)]
+        geometric = [T.RandomResizedCrop(resolution, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip()]
         self.transform = T.Compose([T.ToTensor(), *geometric, T.Normalize(mean, std)])
 
     def __len__(self) -> int:
