@@ -29,6 +29,7 @@ from mixmask.evaluation.features import (
     accuracy,
     backbone_state,
     check_labels,
+    eval_batch_per_rank,
     extract_features,
     find_checkpoint,
     knn_scores,
@@ -176,7 +177,7 @@ def _eval_loader(ctx: Context, split: str, *, train_aug: bool):
     synthetic = ctx.data.synthetic_train if split == "train" else ctx.data.synthetic_val
     return build_eval_loader(cfg.data.backend, source=cfg.data.source, path=path, split=split,
                              resolution=cfg.data.resolution,
-                             batch_size_per_rank=max(1, cfg.eval.batch_size // run.world_size),
+                             batch_size_per_rank=eval_batch_per_rank(cfg.eval.batch_size, run.world_size),
                              train_aug=train_aug, rank=run.rank, world_size=run.world_size,
                              workers=cfg.data.workers, device=run.device, synthetic=synthetic or None)
 
@@ -272,8 +273,10 @@ def semisup(ctx: Context) -> tuple[dict, dict]:
         subset_name = f"balanced {cfg.eval.semisup_fraction:g}, seed {cfg.run.seed}"
     check_labels(torch.from_numpy(labels[indices]), ctx.data.num_classes, "labelled subset")
     dataset = SubsetDataset(source, indices, resolution=cfg.data.resolution, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    loader = subset_loader(dataset, batch_size_per_rank=max(2, cfg.eval.batch_size // run.world_size),
-                           rank=run.rank, world_size=run.world_size, workers=cfg.data.workers, seed=cfg.run.seed)
+    # At least 2 a rank: BatchNorm in train mode cannot normalise a single image.
+    per_rank = eval_batch_per_rank(cfg.eval.batch_size, run.world_size, minimum=2)
+    loader = subset_loader(dataset, batch_size_per_rank=per_rank, rank=run.rank, world_size=run.world_size,
+                           workers=cfg.data.workers, seed=cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     model = nn.Sequential(ctx.backbone, linear_head(ctx.feature_dim, ctx.data.num_classes)).to(run.device)
     ctx.backbone.requires_grad_(True)

@@ -15,6 +15,7 @@ from mixmask.errors import UserError
 from mixmask.evaluation.features import (
     backbone_state,
     check_labels,
+    eval_batch_per_rank,
     find_checkpoint,
     knn_predict,
     knn_scores,
@@ -108,6 +109,11 @@ def test_unshard_restores_dataset_order_and_drops_padding():
     spans = [(0, 2), (2, 5), (5, 7), (7, 10)]
     padded = torch.cat([torch.tensor([*range(lo, hi)] + [hi - 1] * (3 - (hi - lo))) for lo, hi in spans])
     assert unshard(padded, world, n, "contiguous").tolist() == list(range(n))
+
+
+def test_eval_batch_per_rank_splits_the_global_batch_and_never_empties_a_rank():
+    assert eval_batch_per_rank(256, 8) == 32 and eval_batch_per_rank(100, 3) == 33
+    assert eval_batch_per_rank(4, 8) == 1 and eval_batch_per_rank(4, 8, minimum=2) == 2
 
 
 def test_check_labels():

@@ -131,6 +131,12 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...
 RANK_LAYOUTS = ("strided", "contiguous")
 
 
+def eval_batch_per_rank(global_batch: int, world_size: int, *, minimum: int = 1) -> int:
+    """This rank's share of the global evaluation batch (`eval.batch_size`), at least `minimum`: a world larger
+    than the batch still gives every rank a batch."""
+    return max(minimum, global_batch // world_size)
+
+
 def unshard(x: torch.Tensor, world_size: int, num_samples: int, layout: str = "strided") -> torch.Tensor:
     """Undo the sharding of an unshuffled evaluation epoch after `gather_variable`, dropping the padding.
 
