@@ -55,8 +55,6 @@ from mixmask.run.config_cli import from_dict, resolve, to_dict
 from mixmask.run.provenance import provenance
 from pipelines.prepare import DataPaths, prepare_data, synthetic_kwargs
 
-PROTOCOLS = ("knn", "linear", "semisup")
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

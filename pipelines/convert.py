@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -210,13 +210,6 @@ def _write_sidecar(out: Path, src, good: np.ndarray, skipped: list[tuple[str, st
         "ffcv_version": getattr(ffcv, "__version__", "unknown"),
     }
     write_json_atomic(sidecar_path(out), data)
-
-
-def summary_dict(summary: ConversionSummary) -> dict:
-    """The summary as JSON-ready values."""
-    data = asdict(summary)
-    data["out"], data["sidecar"] = str(summary.out), str(summary.sidecar)
-    return data
 
 
 def print_summary(summary: ConversionSummary, file=None) -> None:

@@ -1,7 +1,7 @@
 """Process-group helpers the methods use: rank queries, gathers with and without gradient, shuffle-BN.
 
 Every helper works without a process group (plain `python train.py`): rank 0, world size 1, gathers return their
-input. Nothing here reads environment variables; `train.py` initialises the group from torchrun's `env://`.
+input. Nothing here reads environment variables; `mixmask.run.launch` initialises the group from torchrun's `env://`.
 """
 
 from __future__ import annotations

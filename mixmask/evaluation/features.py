@@ -1,5 +1,5 @@
-"""Evaluation pieces shared by the kNN monitor in train.py and by eval.py: features, weighted kNN, accuracies,
-and rebuilding a backbone from a training checkpoint."""
+"""Evaluation pieces shared by the kNN monitor of training (`mixmask.run.build`) and by eval.py: features, weighted
+kNN, accuracies, batch sizes and sharding, and rebuilding a backbone from a training checkpoint."""
 
 from __future__ import annotations
 
@@ -57,8 +57,7 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                     device: torch.device, *, dtype: torch.dtype | None = None,
-                     gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device, *, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features and labels for every batch, in eval mode; gathered from all ranks when distributed.
 
     Every rank must call this (it runs collectives when a process group exists), each with its own shard.
@@ -75,7 +74,7 @@ def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     backbone.train(was_training)
     features = torch.cat(feats) if feats else torch.empty(0, device=device)
     label_t = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device)
-    if gather and dist_utils.is_distributed():
+    if dist_utils.is_distributed():
         features = gather_variable(features)
         label_t = gather_variable(label_t)
     return features, label_t
