@@ -13,7 +13,8 @@ images each trains on its shard and DDP averages the head's gradients.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,32 @@ def assert_unchanged(backbone: nn.Module, reference: dict[str, torch.Tensor]) ->
     assert not changed, f"the frozen backbone changed during linear evaluation: {changed[:5]}"
 
 
+def sgd_epochs(optimizer: torch.optim.Optimizer, epoch_batches: Callable[[int], Iterable], steps: int,
+               step_loss: Callable[[Any, torch.Tensor], torch.Tensor], *, epochs: int, schedule: str,
+               device: torch.device) -> list[float]:
+    """The training loop both probes and the fine-tuning share: `epochs` passes over `epoch_batches(epoch)` (of
+    `steps` batches each), the learning rate of every parameter group set each step from its `base_lr` (no
+    warm-up, as MoCo's `main_lincls.py`). Returns the mean loss of each epoch."""
+    losses = []
+    for epoch in range(epochs):
+        total, count = torch.zeros((), device=device), 0
+        for i, (inputs, labels) in enumerate(epoch_batches(epoch)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * steps + i, total_steps=epochs * steps, warmup_steps=0,
+                                    peak_lr=group["base_lr"], schedule=schedule)
+            loss = step_loss(inputs, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            count += 1
+        losses.append(total.item() / max(1, count))  # sync point: once per epoch
+    return losses
+
+
 def _sgd(head: nn.Module, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    return torch.optim.SGD([{"params": list(head.parameters()), "base_lr": lr}], lr=lr, momentum=0.9,
+                           weight_decay=0.0)
 
 
 def train_on_features(features: torch.Tensor, labels: torch.Tensor, head: nn.Linear, *, epochs: int, lr: float,
@@ -67,25 +92,14 @@ def train_on_features(features: torch.Tensor, labels: torch.Tensor, head: nn.Lin
     Shape:
         features: (N, D) float; labels: (N,) long
     """
-    optimizer = _sgd(head, lr)
-    n = features.shape[0]
-    steps = max(1, math.ceil(n / batch_size))
-    losses = []
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator).to(features.device)
-        total = torch.zeros((), device=features.device)
-        for i in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps + i, total_steps=epochs * steps, warmup_steps=0, peak_lr=lr,
-                                    schedule=schedule)
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(head(features[idx]), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-        losses.append(total.item() / steps)  # sync point: once per epoch
-    return losses
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(features.shape[0], generator=generator).to(features.device)
+        return ((features[idx], labels[idx]) for idx in order.split(batch_size))
+
+    return sgd_epochs(_sgd(head, lr), epoch_batches, max(1, math.ceil(features.shape[0] / batch_size)),
+                      lambda x, y: F.cross_entropy(head(x), y), epochs=epochs, schedule=schedule,
+                      device=features.device)
 
 
 def train_on_images(backbone: nn.Module, head: nn.Module, loader: Iterable, *, epochs: int, lr: float,
@@ -96,28 +110,20 @@ def train_on_images(backbone: nn.Module, head: nn.Module, loader: Iterable, *, e
     over the ranks' shards, which keeps the replicas identical. `loader` may have `set_epoch(epoch)` (reshuffles
     and redraws the augmentation); the backbone stays in eval mode.
     """
-    optimizer = _sgd(head, lr)
-    steps = max(1, len(loader))  # type: ignore[arg-type]
-    losses = []
-    for epoch in range(epochs):
+
+    def epoch_batches(epoch: int) -> Iterable:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         backbone.eval()
-        total, count = torch.zeros((), device=device), 0
-        for i, (images, y) in enumerate(loader):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps + i, total_steps=epochs * steps, warmup_steps=0, peak_lr=lr,
-                                    schedule=schedule)
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                feats = backbone(images.to(device, non_blocking=True))
-            loss = F.cross_entropy(head(feats.float()), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            count += 1
-        losses.append(total.item() / max(1, count))  # sync point: once per epoch
-    return losses
+        return loader
+
+    def step_loss(images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            feats = backbone(images.to(device, non_blocking=True))
+        return F.cross_entropy(head(feats.float()), y.to(device))
+
+    return sgd_epochs(_sgd(head, lr), epoch_batches, max(1, len(loader)),  # type: ignore[arg-type]
+                      step_loss, epochs=epochs, schedule=schedule, device=device)
 
 
 @torch.no_grad()

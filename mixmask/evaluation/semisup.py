@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixmask.core.schedule import lr_at
 from mixmask.errors import UserError
+from mixmask.evaluation.linear_probe import sgd_epochs
 
 
 def balanced_subset(labels: Sequence[int] | np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -126,25 +126,18 @@ def finetune(model: nn.Module, loader: Iterable, *, epochs: int, backbone_lr: fl
         (head if name.removeprefix("module.").startswith(head_prefix) else body).append(p)
     optimizer = torch.optim.SGD([{"params": body, "base_lr": backbone_lr}, {"params": head, "base_lr": head_lr}],
                                 lr=backbone_lr, momentum=0.9, weight_decay=0.0)
-    steps = max(1, len(loader))  # type: ignore[arg-type]
-    losses = []
-    for epoch in range(epochs):
+
+    def epoch_batches(epoch: int) -> Iterable:
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # type: ignore[union-attr]
         model.train()
-        total, count = torch.zeros((), device=device), 0
-        for i, (images, y) in enumerate(loader):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps + i, total_steps=epochs * steps, warmup_steps=0,
-                                    peak_lr=group["base_lr"], schedule="cosine")
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(images.to(device, non_blocking=True))
-            loss = F.cross_entropy(logits.float(), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            count += 1
-        losses.append(total.item() / max(1, count))  # sync point: once per epoch
-    return losses
+        return loader
+
+    def step_loss(images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images.to(device, non_blocking=True))
+        return F.cross_entropy(logits.float(), y.to(device))
+
+    return sgd_epochs(optimizer, epoch_batches, max(1, len(loader)), step_loss,  # type: ignore[arg-type]
+                      epochs=epochs, schedule="cosine", device=device)
