@@ -36,7 +36,7 @@ from torchvision import transforms as T
 from mixmask.batches import TwoViewBatch
 from pipelines.augment import AugSpec
 from pipelines.loaders.sharding import check_rank, samples_per_rank, steps_per_epoch
-from pipelines.loaders.torchvision_backend import _sample_seed, _to_device, pil_transform
+from pipelines.loaders.torchvision_backend import _sample_seed, _to_device, eval_ops, pil_transform
 from pipelines.loaders.wds_shards import ShardSet, epoch_shard_order, rank_span
 
 IMAGE_KEYS = ("jpg", "png", "jpeg")
@@ -301,12 +301,7 @@ class ReferenceShardEvalLoader(_ReferenceBase):
 
     def __init__(self, shards: ShardSet, *, resolution: int, train_aug: bool, mean: tuple[float, float, float],
                  std: tuple[float, float, float], small: bool, shuffle_buffer: int, **kwargs) -> None:
-        if train_aug:
-            ops = [T.RandomResizedCrop(resolution), T.RandomHorizontalFlip()]
-        elif small:
-            ops = [T.Resize(resolution), T.CenterCrop(resolution)]
-        else:
-            ops = [T.Resize(int(round(resolution / 0.875))), T.CenterCrop(resolution)]
+        ops = eval_ops(resolution, train_aug=train_aug, small=small)  # as the torchvision eval loader
         transform = T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
         super().__init__(shards, [transform], drop_last=False, shuffle=train_aug, shuffle_buffer=shuffle_buffer,
                          **kwargs)
