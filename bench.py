@@ -17,10 +17,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mixmask.config_cli import add_config_arguments, config_from_args, to_dict
 from mixmask.errors import UserError, cli_entry
-from mixmask.launch import pick_device
-from mixmask.provenance import provenance
+from mixmask.run.config_cli import add_config_arguments, config_from_args, to_dict
+from mixmask.run.launch import pick_device
+from mixmask.run.provenance import provenance
 
 
 def _ints(text: str) -> list[int]:
@@ -137,16 +137,17 @@ def _folder_beton(source: str, root: str) -> Path:
 def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
     """Loader → operator → step of a config, timed over `--steps` steps per repeat, with the data-wait share."""
     from mixmask.benchmarking.protocol import Measurement
-    from mixmask.config import derived
-    from mixmask.launch import Launch
-    from mixmask.optim import build_optimizer
-    from mixmask.training import build_loaders, build_method_from_config, build_operator, prepare_data
+    from mixmask.run.build import build_loaders, build_method_from_config, build_operator
+    from mixmask.run.config import derived
+    from mixmask.run.launch import Launch
+    from mixmask.run.optim import build_optimizer
+    from pipelines.prepare import prepare_data
 
     cfg = config_from_args(args)
     cfg.run.device, cfg.run.knn_every = str(device), 0
     run = Launch(rank=0, local_rank=0, world_size=1, device=device)
     use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
-    data = prepare_data(cfg, run, log=lambda s: None)
+    data = prepare_data(cfg.data, is_main=True, barrier=lambda: None, log=lambda s: None)
     comp = derived(cfg, 1)
     loader, _ = build_loaders(cfg, data, run, comp["batch_size_per_rank"], use_bf16)
     method = build_method_from_config(cfg).to(device).to(memory_format=torch.channels_last)
@@ -195,8 +196,8 @@ def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict],
 
 def _check_args(args: argparse.Namespace) -> None:
     """Every number and name the mode uses, checked before any work (one line each, via UserError)."""
-    from mixmask.config import BACKENDS, BRANCHES, METHOD_NAMES
     from mixmask.errors import choice_error
+    from mixmask.run.config import BACKENDS, BRANCHES, METHOD_NAMES
 
     def at_least(flag: str, values, low: int) -> None:
         for v in values if isinstance(values, list) else [values]:
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
     if args.mode == "loader":
-        from mixmask.launch import worker_note
+        from mixmask.run.launch import worker_note
         from pipelines.loaders import fit_workers
 
         if note := worker_note(args.workers):  # the rows must show the count that ran, not the one asked for
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             args.workers = fit_workers(args.workers)
     device = pick_device(args.device, 0)
     if device.type == "cuda":
-        # As train.py does (mixmask.launch): FFCV's current stream and numba's context follow the current device.
+        # As train.py does (mixmask.run.launch): FFCV's current stream and numba's context follow the current device.
         torch.cuda.set_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)

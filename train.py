@@ -16,23 +16,23 @@ from pathlib import Path
 
 import torch
 
-from mixmask import checkpoint as ckpt_io
-from mixmask import launch, rundir
-from mixmask.config import Config, derived
-from mixmask.config_cli import add_config_arguments, config_from_args, to_yaml
 from mixmask.errors import UserError, cli_entry
-from mixmask.metrics import MetricsWriter, drop_records_after
-from mixmask.optim import build_optimizer, lr_at, set_lr
-from mixmask.progress import ProgressView
-from mixmask.provenance import provenance
-from mixmask.training import (
+from mixmask.run import checkpoint as ckpt_io
+from mixmask.run import launch, rundir
+from mixmask.run.build import (
     build_loaders,
     build_method_from_config,
     build_operator,
     knn_monitor,
-    prepare_data,
     write_run_artifacts,
 )
+from mixmask.run.config import Config, derived
+from mixmask.run.config_cli import add_config_arguments, config_from_args, to_yaml
+from mixmask.run.metrics import MetricsWriter, drop_records_after
+from mixmask.run.optim import build_optimizer, lr_at, set_lr
+from mixmask.run.progress import ProgressView
+from mixmask.run.provenance import provenance
+from pipelines.prepare import prepare_data
 
 
 class StopRequest:
@@ -105,7 +105,7 @@ def train(cfg: Config, run: launch.Launch) -> int:
         view.message(note)
 
     # ---- data: the synthetic default is converted on first use (rank 0), then every rank opens its shard
-    data = prepare_data(cfg, run, log=view.message)
+    data = prepare_data(cfg.data, is_main=run.is_main, barrier=launch.barrier, log=view.message)
     comp = derived(cfg, run.world_size)
     train_loader, knn_loaders = build_loaders(cfg, data, run, comp["batch_size_per_rank"], use_bf16)
     steps_per_epoch = len(train_loader)
@@ -287,7 +287,7 @@ def train(cfg: Config, run: launch.Launch) -> int:
 
 
 def _config_dict(cfg: Config) -> dict:
-    from mixmask.config_cli import to_dict
+    from mixmask.run.config_cli import to_dict
 
     return to_dict(cfg)
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mixmask.core.masks import block_masks, check_mask_config, discrete_masks
+from mixmask.core.mixing import mix, reverse_permutation, upsample_masks
 from mixmask.errors import UserError, cli_entry
-from mixmask.masks import block_masks, check_mask_config, discrete_masks
-from mixmask.mixing import mix, reverse_permutation, upsample_masks
 
 
 def sample_photographs(resolution: int) -> torch.Tensor:

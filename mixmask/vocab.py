@@ -17,7 +17,7 @@ BRANCH_KINDS: dict[str, tuple[str, ...]] = {
     "mixmask-unmix": ("mixmask", "unmix"),
     "erase": ("erase",),
 }
-MASK_KINDS = ("block", "discrete", "discrete_exact")  # generators: mixmask.masks.MASK_GENERATORS
+MASK_KINDS = ("block", "discrete", "discrete_exact")  # generators: mixmask.core.masks.MASK_GENERATORS
 MASK_SHARES = ("batch", "pair", "sample")
 PERMUTATIONS = ("reverse", "random")
 ERASE_FILLS = ("zero", "mean", "noise")

@@ -116,8 +116,8 @@ def part_kernel(args) -> list[dict]:
     import torch
 
     from mixmask.benchmarking.protocol import measure
-    from mixmask.mask_kernels import block_masks_cpu
-    from mixmask.masks import block_masks
+    from mixmask.core.mask_kernels import block_masks_cpu
+    from mixmask.core.masks import block_masks
 
     sizes, device = SIZES[args.size], torch.device(args.device)
     rows = []
@@ -129,7 +129,7 @@ def part_kernel(args) -> list[dict]:
         expected = np.zeros((n, grid, grid), dtype=np.uint8)
         block_masks_cpu(keys, targets, expected)
         if device.type == "cuda":
-            from mixmask.mask_kernels_cuda import launch_block_masks_torch
+            from mixmask.core.mask_kernels_cuda import launch_block_masks_torch
 
             out = torch.zeros((n, grid, grid), dtype=torch.uint8, device=device)
             launch_block_masks_torch(torch.from_numpy(keys).to(device), torch.from_numpy(targets).to(device), out)
@@ -139,7 +139,7 @@ def part_kernel(args) -> list[dict]:
 
             if not config.ENABLE_CUDASIM:
                 raise RuntimeError("the cpu rehearsal of the kernel part needs NUMBA_ENABLE_CUDASIM=1")
-            from mixmask.mask_kernels_cuda import launch_block_masks
+            from mixmask.core.mask_kernels_cuda import launch_block_masks
 
             got = np.zeros_like(expected)
             launch_block_masks(keys, targets, got)
@@ -161,10 +161,10 @@ def _preset_parts(args, batch: int):
     """Method, operator and optimizer of the MoCo v2 + MixMask ImageNet preset, as train.py builds them."""
     import torch
 
-    from mixmask.config import derived
-    from mixmask.config_cli import resolve
-    from mixmask.optim import build_optimizer
-    from mixmask.training import build_method_from_config, build_operator
+    from mixmask.run.build import build_method_from_config, build_operator
+    from mixmask.run.config import derived
+    from mixmask.run.config_cli import resolve
+    from mixmask.run.optim import build_optimizer
 
     s = SIZES[args.size]
     cfg = resolve("imagenet-moco-mixmask", overrides=[
@@ -265,7 +265,7 @@ def part_ddp(args) -> list[dict]:
     import torch
     import torch.distributed as dist
 
-    from mixmask.distributed import concat_all_gather
+    from mixmask.core.distributed import concat_all_gather
 
     s, device = SIZES[args.size], torch.device(args.device)
     cuda = device.type == "cuda"

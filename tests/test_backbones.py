@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from mixmask.backbones import SplitBatchNorm2d, build_backbone, cifar_stem_, split_batchnorm_
+from mixmask.core.backbones import SplitBatchNorm2d, build_backbone, cifar_stem_, split_batchnorm_
 from mixmask.errors import UserError
 
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from mixmask.checkpoint import find_resume, load_checkpoint, prune_periodic, save_atomic
 from mixmask.errors import UserError
+from mixmask.run.checkpoint import find_resume, load_checkpoint, prune_periodic, save_atomic
 
 WRITER = """
 import sys, torch
-from mixmask.checkpoint import save_atomic
+from mixmask.run.checkpoint import save_atomic
 big = {"method": {"w": torch.randn(64, 1024, 1024)}, "config": {}, "n": 1}
 print("ready", flush=True)
 while True:
@@ -94,10 +94,10 @@ def test_resume_onto_a_non_cpu_device_restores_rng_optimizer_and_schedule(repo_r
     torch.ByteTensor") and left AdamW's `step` on the device; the file must be read to the CPU and load_state_dict
     left to place each tensor.
     """
-    from mixmask.checkpoint import resume_from
-    from mixmask.config_cli import from_dict
-    from mixmask.optim import build_optimizer
-    from mixmask.training import build_method_from_config
+    from mixmask.run.build import build_method_from_config
+    from mixmask.run.checkpoint import resume_from
+    from mixmask.run.config_cli import from_dict
+    from mixmask.run.optim import build_optimizer
 
     _tiny_run(repo_root, tmp_path / "run", "run.device=cpu", "run.max_steps=2")
     last = tmp_path / "run" / "checkpoints" / "last.pt"

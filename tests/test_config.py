@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from mixmask.config import BRANCHES, METHOD_NAMES, Config, derived
-from mixmask.config_cli import from_dict, resolve, to_dict, to_yaml
 from mixmask.errors import UserError
-from mixmask.presets import DATASETS, PRESETS, get_preset
+from mixmask.run.config import BRANCHES, METHOD_NAMES, Config, derived
+from mixmask.run.config_cli import from_dict, resolve, to_dict, to_yaml
+from mixmask.run.presets import DATASETS, PRESETS, get_preset
 
 
 def test_every_preset_resolves_and_is_named_by_its_parts():

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixmask.checkpoint import save_atomic
-from mixmask.config_cli import resolve, to_dict
-from mixmask.training import build_method_from_config
+from mixmask.run.build import build_method_from_config
+from mixmask.run.checkpoint import save_atomic
+from mixmask.run.config_cli import resolve, to_dict
 
 # Small enough for 2 shared CPU cores: 16 px images, 60 + 40 synthetic images of 4 classes.
 SMALL = ["data.backend=torchvision", "data.workers=0", "data.resolution=16", "data.synthetic_images=60",

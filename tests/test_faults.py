@@ -62,7 +62,7 @@ def _kill_all(procs: list[psutil.Process]) -> None:
 # ---- 7. preemption under torchrun / SLURM
 
 def _launch(repo_root: Path, out: Path, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mixmask.launch", "--nproc_per_node", "2", "--master_port", str(port),
+    return [sys.executable, "-m", "mixmask.run.launch", "--nproc_per_node", "2", "--master_port", str(port),
             "train.py", "--preset", "demo", *SMALL, "data.backend=torchvision", "data.workers=0",
             f"data.data_dir={repo_root / 'data' / 'test-cache'}", f"run.out_dir={out}", *extra]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixmask.losses import (
+from mixmask.core.losses import (
     byol_regression,
     info_nce,
     info_nce_soft,
@@ -17,7 +17,7 @@ from mixmask.losses import (
     self_pair_mask,
     soft_mix,
 )
-from mixmask.methods.byol import cosine_tau
+from mixmask.core.methods.byol import cosine_tau
 
 
 def _unit(v: list[float]) -> list[float]:
@@ -158,7 +158,7 @@ def test_operator_with_one_mask_per_batch_gives_the_official_mixmask_loss(batch,
     # mask.share=batch, MixMask alone: the operator's images, λ and partners in our soft loss must give the official
     # `loss_o + λ·loss_m + (1−λ)·loss_m_flip` (λ = mask.sum() / (H·W) of the upsampled mask, keys flipped),
     # also with an odd batch and grids that do not divide the 32 px images.
-    from mixmask.operator import MixingOperator
+    from mixmask.core.operator import MixingOperator
 
     size, t = 32, 0.2
     x, x_k = _rand(batch, 3, size, size, seed=21), _rand(batch, 3, size, size, seed=22)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixmask.mask_kernels import block_masks_cpu
+from mixmask.core.mask_kernels import block_masks_cpu
 
 
 def _inputs(n: int, grid: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +60,7 @@ _SIMULATOR_SCRIPT = textwrap.dedent(
     import numpy as np
     from numba import config
     assert config.ENABLE_CUDASIM
-    from mixmask.mask_kernels_cuda import launch_block_masks
+    from mixmask.core.mask_kernels_cuda import launch_block_masks
     keys = np.array(json.loads(sys.argv[1]), dtype=np.int64)
     targets = np.array(json.loads(sys.argv[2]), dtype=np.int32)
     out = np.zeros((len(keys), int(sys.argv[3]), int(sys.argv[3])), dtype=np.uint8)
@@ -92,7 +92,7 @@ def test_cuda_kernel_in_simulator_matches_cpu_kernel(grid, repo_root):
 
 @pytest.mark.gpu
 def test_cuda_kernel_matches_cpu_kernel_on_device():
-    from mixmask.mask_kernels_cuda import launch_block_masks_torch
+    from mixmask.core.mask_kernels_cuda import launch_block_masks_torch
 
     keys, targets = _inputs(4096, 8, seed=3)
     out = torch.zeros((4096, 8, 8), dtype=torch.uint8, device="cuda")
@@ -102,9 +102,9 @@ def test_cuda_kernel_matches_cpu_kernel_on_device():
 
 @pytest.mark.gpu
 def test_masks_and_mix_on_cuda_do_not_sync_the_host():
-    from mixmask.masks import block_masks, discrete_masks
-    from mixmask.mixing import mix, random_permutation, reverse_permutation
-    from mixmask.operator import MixingOperator
+    from mixmask.core.masks import block_masks, discrete_masks
+    from mixmask.core.mixing import mix, random_permutation, reverse_permutation
+    from mixmask.core.operator import MixingOperator
 
     # Built outside the guarded region: the constructor's one-time CPU Monte Carlo check of the blocked rule.
     operator = MixingOperator("mixmask-unmix", mask_kind="block", grid_size=8, share="pair")

@@ -21,7 +21,7 @@ _LAUNCH = textwrap.dedent(
     """
     import numpy as np
     from mixmask.errors import cli_entry
-    from mixmask.mask_kernels_cuda import launch_block_masks, toolchain_problem
+    from mixmask.core.mask_kernels_cuda import launch_block_masks, toolchain_problem
 
     @cli_entry
     def main():
@@ -70,7 +70,7 @@ def test_numba_cuda_finds_the_toolchain_in_pip_wheels(repo_root):
 def test_small_launches_do_not_warn_about_occupancy():
     import torch
 
-    from mixmask.masks import block_masks
+    from mixmask.core.masks import block_masks
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     with warnings.catch_warnings():

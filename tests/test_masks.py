@@ -13,8 +13,7 @@ import pytest
 import torch
 from skimage.measure import label
 
-from mixmask.config import MASK_KINDS
-from mixmask.masks import (
+from mixmask.core.masks import (
     MASK_GENERATORS,
     block_masks,
     check_mask_config,
@@ -22,6 +21,7 @@ from mixmask.masks import (
     discrete_masks,
     mask_ratio_reachable,
 )
+from mixmask.run.config import MASK_KINDS
 
 
 def beit_reference(rng: random.Random, g: int, target: int, *, inclusive_randint: bool = True) -> np.ndarray:
@@ -282,8 +282,8 @@ def test_masks_benchmark_rows_pair_ours_with_the_official_path():
 
 
 def test_config_refuses_unreachable_masks_before_any_work(tmp_path, repo_root):
-    from mixmask.config_cli import resolve
     from mixmask.errors import UserError
+    from mixmask.run.config_cli import resolve
 
     with pytest.raises(UserError, match="mask.kind=block at mask.grid_size=2: .*use mask kind discrete"):
         resolve("demo", None, ["mask.kind=block", "mask.grid_size=2"])

@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixmask.backbones import SplitBatchNorm2d
+from mixmask.batches import MixedBatch
+from mixmask.core.backbones import SplitBatchNorm2d
+from mixmask.core.losses import byol_regression, info_nce, negative_cosine
+from mixmask.core.methods import BRANCH_KINDS, METHODS, build_method
 from mixmask.errors import UserError
-from mixmask.losses import byol_regression, info_nce, negative_cosine
-from mixmask.methods import BRANCH_KINDS, METHODS, build_method
-from mixmask.types import MixedBatch
 
 HPARAMS = {
     "moco": {"queue_size": 32, "dim": 16, "mlp_hidden_dim": 32},

@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from mixmask import distributed
-from mixmask.methods import build_method
-from mixmask.types import MixedBatch
+from mixmask.batches import MixedBatch
+from mixmask.core import distributed
+from mixmask.core.methods import build_method
 
 WORLD, LOCAL_BATCH = 2, 4
 HPARAMS = {

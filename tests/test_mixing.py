@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixmask.mixing import (
+from mixmask.core.mixing import (
     cell_areas,
     erase,
     identity_permutation,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixmask.operator import BRANCHES, MixingOperator
-from mixmask.types import MixedBatch
+from mixmask.batches import MixedBatch
+from mixmask.core.operator import BRANCHES, MixingOperator
 
 
 def _views(batch: int = 16, size: int = 32) -> torch.Tensor:

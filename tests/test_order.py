@@ -162,7 +162,7 @@ def test_resolve_order():
 
 
 def test_config_offers_the_orders_of_the_order_module():
-    from mixmask.config import ORDER_CHOICES as CONFIG_CHOICES
+    from mixmask.run.config import ORDER_CHOICES as CONFIG_CHOICES
 
     assert CONFIG_CHOICES == ORDER_CHOICES
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torchvision
 
-from mixmask.backbones import SplitBatchNorm2d, cifar_stem_
-from mixmask.config import derived
-from mixmask.config_cli import resolve
+from mixmask.core.backbones import SplitBatchNorm2d, cifar_stem_
 from mixmask.errors import UserError
-from mixmask.preset_table import FAMILIES, render_markdown, rows_for
-from mixmask.presets import DATASETS, PRESETS, get_preset
-from mixmask.training import build_method_from_config
+from mixmask.run.build import build_method_from_config
+from mixmask.run.config import derived
+from mixmask.run.config_cli import resolve
+from mixmask.run.preset_table import FAMILIES, render_markdown, rows_for
+from mixmask.run.presets import DATASETS, PRESETS, get_preset
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -67,7 +67,8 @@ def family_presets(label: str) -> list[str]:
 
 
 def test_readme_table_is_the_table_the_presets_are_built_from():
-    assert readme_table() == render_markdown(), "README preset table is stale: paste `python -m mixmask.preset_table`"
+    assert readme_table() == render_markdown(), (
+        "README preset table is stale: paste `python -m mixmask.run.preset_table`")
 
 
 def test_every_readme_row_matches_every_preset_it_covers():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixmask.metrics import read_metrics
-from mixmask.report import lambda_values, run_summary, to_markdown, write_report
+from mixmask.run.metrics import read_metrics
+from mixmask.run.report import lambda_values, run_summary, to_markdown, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

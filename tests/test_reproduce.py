@@ -116,7 +116,7 @@ def test_bad_input_is_one_line_with_exit_2(repo_root, capsys):
 
 
 def test_dry_run_lists_the_runs_and_prints_the_slurm_script(tmp_path, capsys):
-    from mixmask.config_cli import resolve
+    from mixmask.run.config_cli import resolve
 
     assert main(["table2", "--dataset", "cifar100", "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from mixmask.config import BRANCHES
-from mixmask.config_cli import resolve
-from mixmask.training import build_operator
+from mixmask.run.build import build_operator
+from mixmask.run.config import BRANCHES
+from mixmask.run.config_cli import resolve
 from pipelines.augment import RECIPES, recipe
 from pipelines.photometric import Photometric
 

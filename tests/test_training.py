@@ -1,11 +1,11 @@
-"""The config → library mapping in mixmask.training (operator and method built from a resolved config)."""
+"""The config → library mapping in mixmask.run.build (operator and method built from a resolved config)."""
 
 from __future__ import annotations
 
 import torch
 
-from mixmask.config_cli import resolve
-from mixmask.training import build_method_from_config, build_operator
+from mixmask.run.build import build_method_from_config, build_operator
+from mixmask.run.config_cli import resolve
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 
 

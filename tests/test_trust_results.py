@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from mixmask.checkpoint import save_atomic
-from mixmask.config_cli import resolve, to_dict
 from mixmask.errors import UserError
-from mixmask.rundir import check_resume_config, config_changes
-from mixmask.training import build_method_from_config
+from mixmask.run.build import build_method_from_config
+from mixmask.run.checkpoint import save_atomic
+from mixmask.run.config_cli import resolve, to_dict
+from mixmask.run.rundir import check_resume_config, config_changes
 from pipelines.sidecar import label_map
 from tests.fixtures_data import save_image
 
@@ -299,7 +299,7 @@ def test_torchrun_resume_is_bit_identical(repo_root, tmp_path):
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_unshard_of_webdataset_eval_shares_equals_one_rank(tmp_path, backend):
     """Shards are read in contiguous shares padded at their ends: unsharding 2 ranks gives the 1-rank epoch."""
-    from mixmask.evaluation import unshard
+    from mixmask.evaluation.features import unshard
     from pipelines.convert import convert
     from pipelines.loaders import build_eval_loader
 

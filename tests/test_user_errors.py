@@ -118,7 +118,7 @@ def test_resume_from_a_checkpoint_of_another_method_is_one_line(repo_root, tmp_p
     checked, overridden = run_side_by_side(
         repo_root, ["train.py", *args, f"run.out_dir={tmp_path / 'run'}"],
         ["train.py", *args, "run.allow_config_change=true", f"run.out_dir={tmp_path / 'run2'}"])
-    # The config check on resume (mixmask.rundir) names the changed keys first ...
+    # The config check on resume (mixmask.run.rundir) names the changed keys first ...
     assert_one_line(checked, "was trained with another config", "method.name 'moco' → 'byol'")
     # ... and a deliberate override still meets the weights check, one line too.
     assert_one_line(overridden, "holds a moco/mixmask resnet18, not this run's byol/mixmask resnet18",

@@ -9,8 +9,8 @@ import matplotlib.image as mpimg
 import numpy as np
 import torch
 
-from mixmask.masks import discrete_masks
-from mixmask.mixing import upsample_masks
+from mixmask.core.masks import discrete_masks
+from mixmask.core.mixing import upsample_masks
 from mixmask.visualize import mixed_and_switched, render_mask_figure, sample_photographs
 
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import torch
 
+from mixmask.batches import TwoViewBatch
 from mixmask.benchmarking.protocol import measure
-from mixmask.types import TwoViewBatch
 from pipelines.augment import AugSpec
 from pipelines.loaders import build_two_view_loader
 

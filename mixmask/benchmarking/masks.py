@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from mixmask.benchmarking.protocol import Measurement, measure
-from mixmask.masks import block_masks, discrete_masks
-from mixmask.mixing import mix, reverse_permutation
+from mixmask.core.masks import block_masks, discrete_masks
+from mixmask.core.mixing import mix, reverse_permutation
 
 
 class OfficialMaskingGenerator:

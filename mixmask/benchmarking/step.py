@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mixmask.backbones import build_backbone
+from mixmask.batches import MixedBatch
 from mixmask.benchmarking.protocol import measure
-from mixmask.methods import BRANCH_KINDS, build_method
-from mixmask.types import MixedBatch
+from mixmask.core.backbones import build_backbone
+from mixmask.core.methods import BRANCH_KINDS, build_method
 
 # Per method: (views through the trained encoder, views through a no-gradient encoder only).
 _VIEW_PASSES = {"moco": (1, 1), "simclr": (2, 0), "byol": (2, 2), "simsiam": (2, 0)}

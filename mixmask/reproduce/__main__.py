@@ -51,7 +51,7 @@ def _check_configs(runs: list[Run], *, need_data: bool) -> list[str]:
 
     Returns the runs that lack a `data.path` they need (an error when `need_data`).
     """
-    from mixmask.config_cli import resolve
+    from mixmask.run.config_cli import resolve
 
     missing = []
     for run in runs:

@@ -2,7 +2,7 @@
 
 Measured values are read from what the producers write: `eval_linear.json` (eval.py: `results.top1`),
 `eval_knn.json` when present (eval.py knn) else `final_knn.json` (train.py: `knn_top1`). Published values come from
-`mixmask/paper_results.yaml`, each with its source.
+`mixmask/reproduce/paper_results.yaml`, each with its source.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 
 from mixmask.reproduce.tables import Run, Table
 
-PAPER_RESULTS = Path(__file__).resolve().parents[1] / "paper_results.yaml"
+PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.yaml"
 
 
 def load_paper(path: Path = PAPER_RESULTS) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def to_markdown(table: Table, dataset: str, records: list[dict], *, tiny: bool =
     sources = sorted({r["paper_source"] for r in records if r["paper_source"]})
     out += ["", "Published values: " + ("; ".join(sources) if sources else
                                          "none of this table's values could be read from a source here "
-                                         "(`mixmask/paper_results.yaml` keeps them as null)") + "."]
+                                         "(`mixmask/reproduce/paper_results.yaml` keeps them as null)") + "."]
     return "\n".join(out) + "\n"
 
 

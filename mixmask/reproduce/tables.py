@@ -1,9 +1,9 @@
 """The paper's tables as runs: each cell of a table is one training run, a preset plus `key=value` overrides.
 
 A table names its cells by row and column (`MoCo/MixMask`, `mask type: blocked/MixMask`); the published numbers in
-`mixmask/paper_results.yaml` use the same names. Cells that need the same configuration share one run (Table 1's
-"grid 2" row is its "discrete" row). Overrides are written against config keys by name, so a preset that changes
-(grid, mask kind, heads) changes the runs without a change here.
+`mixmask/reproduce/paper_results.yaml` use the same names. Cells that need the same configuration share one run
+(Table 1's "grid 2" row is its "discrete" row). Overrides are written against config keys by name, so a preset that
+changes (grid, mask kind, heads) changes the runs without a change here.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def _table1(dataset: str) -> list[Cell]:
     """Table 1: mask type and grid size, MoCo + MixMask (the caption's MoCo V1 head comes from the preset).
 
     The rows follow the project's issue 12 and DESIGN.md; the paper's own Table 1 (which grids, which datasets) could
-    not be read when this was written (see `mixmask/paper_results.yaml`), so its row set is still to be checked.
+    not be read when this was written (see `mixmask/reproduce/paper_results.yaml`), so its row set is still to be
+    checked.
     """
     preset = f"{dataset}-moco-mixmask"
     # BEiT blocks need >= 4 cells and a strict fit, so they cannot fill a 2x2 grid: the blocked row runs at the
@@ -157,7 +158,7 @@ def get_table(name: str, dataset: str | None) -> tuple[Table, str]:
 
 def config_keys() -> set[str]:
     """Every dotted key of this version's config (`mask.grid_size`, ...)."""
-    from mixmask.config import Config
+    from mixmask.run.config import Config
 
     cfg = Config()
     return {f"{s.name}.{f.name}" for s in fields(cfg) if is_dataclass(getattr(cfg, s.name))

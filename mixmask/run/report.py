@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from mixmask.metrics import read_metrics
+from mixmask.run.metrics import read_metrics
 
 
 def plot_training_curves(run_dir: Path, out: Path, *, knn_reference: float | None = None) -> Path:

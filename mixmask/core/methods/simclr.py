@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixmask import distributed
-from mixmask.losses import info_nce_soft, nt_xent, self_pair_mask
-from mixmask.methods.base import SiameseMethod
-from mixmask.methods.heads import mlp
-from mixmask.types import MixedBatch
+from mixmask.batches import MixedBatch
+from mixmask.core import distributed
+from mixmask.core.losses import info_nce_soft, nt_xent, self_pair_mask
+from mixmask.core.methods.base import SiameseMethod
+from mixmask.core.methods.heads import mlp
 
 
 class SimCLR(SiameseMethod):

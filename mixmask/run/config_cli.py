@@ -16,9 +16,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from mixmask.config import Config, validate
 from mixmask.errors import UserError, did_you_mean
-from mixmask.presets import get_preset
+from mixmask.run.config import Config, validate
+from mixmask.run.presets import get_preset
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, preset_required: bool = False) -> None:

@@ -16,7 +16,7 @@ Table 8 were not: the stored copies of the paper (arXiv v2-v4, ar5iv) hold only 
 "Table 8" cite the values as the project's DESIGN.md and issue 12 quote them; check them against the paper (v4
 preferred) when it can be read.
 
-`python -m mixmask.preset_table` prints the Markdown the README embeds; a test keeps the two identical.
+`python -m mixmask.run.preset_table` prints the Markdown the README embeds; a test keeps the two identical.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ import math
 import torch
 import torch.nn as nn
 
-from mixmask.losses import byol_regression, soft_mix
-from mixmask.methods.base import SiameseMethod, frozen_copy, momentum_update_
-from mixmask.methods.heads import mlp
-from mixmask.types import MixedBatch
+from mixmask.batches import MixedBatch
+from mixmask.core.losses import byol_regression, soft_mix
+from mixmask.core.methods.base import SiameseMethod, frozen_copy, momentum_update_
+from mixmask.core.methods.heads import mlp
 
 
 def cosine_tau(base_tau: float, progress: float) -> float:

@@ -5,8 +5,8 @@ BEiT's generator marks, so `ratio` is the share of own cells, exactly as in the 
 mixed = mask * x + (1 - mask) * flip(x)`). For discrete masks the official code draws `rand(g, g) > ratio`, so a
 cell is the sample's own with probability 1 − ratio (the same thing at the paper's ratio 0.5).
 
-Which rows share a mask (one per batch, per pair, per sample) is the operator's business (mixmask.operator); the
-λ of a mixed image is the share of own *pixels* after upsampling (mixmask.mixing.mask_lambda).
+Which rows share a mask (one per batch, per pair, per sample) is the operator's business (mixmask.core.operator); the
+λ of a mixed image is the share of own *pixels* after upsampling (mixmask.core.mixing.mask_lambda).
 
 Reference: MixMask (Vishniakov et al.), Sec. 3 and the official code (`utils.py`: `MaskingGenerator`,
 `get_discrete_mask`); BEiT (Bao et al., 2021) `MaskingGenerator`.
@@ -69,15 +69,15 @@ def _draw_block_masks(
 ) -> torch.Tensor:
     """Run the compiled kernel for `n` independent masks. Shape: returns (n, g, g) bool"""
     targets = _targets(n, grid_size * grid_size, low, high, generator, device)
-    # Two 31-bit key words per mask seed the kernel's counter-based stream (mixmask.mask_kernels).
+    # Two 31-bit key words per mask seed the kernel's counter-based stream (mixmask.core.mask_kernels).
     keys = torch.randint(0, 2**31, (n, 2), generator=generator, device=device, dtype=torch.int64)
     out = torch.zeros((n, grid_size, grid_size), dtype=torch.uint8, device=device)
     if device.type == "cuda":
-        from mixmask.mask_kernels_cuda import launch_block_masks_torch
+        from mixmask.core.mask_kernels_cuda import launch_block_masks_torch
 
         launch_block_masks_torch(keys, targets, out)
     else:
-        from mixmask.mask_kernels import block_masks_cpu  # numba loads only when blocked masks are drawn
+        from mixmask.core.mask_kernels import block_masks_cpu  # numba loads only when blocked masks are drawn
 
         block_masks_cpu(keys.cpu().numpy(), targets.cpu().numpy(), out.numpy())
     return out.view(torch.bool)
@@ -147,7 +147,7 @@ def block_masks(
 
     Shape:
         returns: (n, grid_size, grid_size) bool
-    Reference: BEiT `MaskingGenerator` (see mixmask.mask_kernels); MixMask Sec. 3.
+    Reference: BEiT `MaskingGenerator` (see mixmask.core.mask_kernels); MixMask Sec. 3.
     """
     low, high = _check(n, grid_size, ratio)
     return _draw_block_masks(n, grid_size, low, high, generator, _device_of(generator, device))
@@ -239,5 +239,5 @@ def discrete_exact_masks(
     return _uniform_subsets(kept, cells, generator).view(n, grid_size, grid_size)
 
 
-# The generator of each mask kind (`mask.kind`; mixmask.config.MASK_KINDS lists the same names).
+# The generator of each mask kind (`mask.kind`; mixmask.run.config.MASK_KINDS lists the same names).
 MASK_GENERATORS = {"block": block_masks, "discrete": discrete_masks, "discrete_exact": discrete_exact_masks}

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mixmask.losses import negative_cosine, soft_mix
-from mixmask.methods.base import SiameseMethod
-from mixmask.methods.heads import mlp
-from mixmask.types import MixedBatch
+from mixmask.batches import MixedBatch
+from mixmask.core.losses import negative_cosine, soft_mix
+from mixmask.core.methods.base import SiameseMethod
+from mixmask.core.methods.heads import mlp
 
 
 class SimSiam(SiameseMethod):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from mixmask.types import MixedBatch
+from mixmask.batches import MixedBatch
 from mixmask.vocab import MIXED_KINDS
 
 

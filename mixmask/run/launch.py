@@ -1,7 +1,7 @@
 """Process launch for the entry points: torchrun detection, process group, device. (CLI side: reads the env.)
 
 `python train.py` is the single-process path; under torchrun the `RANK`, `LOCAL_RANK` and `WORLD_SIZE` variables
-select the process group (`env://`): NCCL with one GPU per local rank, gloo on CPU. `python -m mixmask.launch`
+select the process group (`env://`): NCCL with one GPU per local rank, gloo on CPU. `python -m mixmask.run.launch`
 is torchrun (same options) with preemption signals passed on to the workers (see `torchrun_main`).
 """
 
@@ -106,7 +106,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-# ---- `python -m mixmask.launch [torchrun options] train.py ...`: torchrun that survives preemption signals
+# ---- `python -m mixmask.run.launch [torchrun options] train.py ...`: torchrun that survives preemption signals
 #
 # torchrun's agent turns SIGTERM into an exception: it passes the signal on to the workers, waits for them, then
 # exits 1 with a traceback, so a job that saved cleanly still looks failed. SIGUSR1, which it does not handle, ends

@@ -2,7 +2,7 @@
 
 Imported only when masks are drawn on a CUDA device (or under numba's CUDA simulator in the tests), so CPU-only
 users never initialise numba's CUDA target. The algorithm body is shared with the CPU kernel
-(`mixmask.mask_kernels.make_block_mask_body`), so the same keys give the same masks.
+(`mixmask.core.mask_kernels.make_block_mask_body`), so the same keys give the same masks.
 
 Compiling needs NVVM and libdevice. numba's built-in CUDA target finds them only through conda, `CUDA_HOME` or a
 system CUDA; `numba-cuda[cu13]` (requirements.txt) finds the pip `nvidia-*` wheels. When neither works, the first
@@ -17,8 +17,8 @@ import warnings
 
 from numba import cuda
 
+from mixmask.core.mask_kernels import make_block_mask_body
 from mixmask.errors import UserError
-from mixmask.mask_kernels import make_block_mask_body
 
 THREADS_PER_BLOCK = 128
 # Lowest compute capability CUDA 13 compiles for; the probe only needs NVVM and libdevice to accept it.

@@ -1,6 +1,6 @@
 """Typed configuration: dataclass sections, each field with a type, a default, a one-line doc and its valid values.
 
-Resolution order (DESIGN.md): defaults → preset → YAML file → `key=value` overrides; see `mixmask.config_cli`.
+Resolution order (DESIGN.md): defaults → preset → YAML file → `key=value` overrides; see `mixmask.run.config_cli`.
 Derived values (per-rank batch, scaled learning rate, steps per epoch) are computed in `derived()` and logged,
 never written back over what the user typed.
 """
@@ -12,9 +12,9 @@ from typing import Any
 
 from mixmask.errors import UserError
 from mixmask.vocab import BRANCHES, ERASE_FILLS, MASK_KINDS, MASK_SHARES, METHOD_NAMES, PERMUTATIONS
+from pipelines.backends import BACKEND_NAMES as BACKENDS
 from pipelines.sources import SOURCES
 
-BACKENDS = ("ffcv", "dali", "torchvision")
 ORDER_CHOICES = ("auto", "random", "quasi_random")  # pipelines.loaders.order's (a test pins them equal)
 RECIPES = ("mocov1", "mocov2", "simclr", "byol")
 __all__ = ["BACKENDS", "BRANCHES", "MASK_KINDS", "MASK_SHARES", "METHOD_NAMES", "PERMUTATIONS", "Config", "derived",
@@ -218,7 +218,7 @@ def _check_masks(cfg: Config) -> None:
     """Refuse masks that can never reach their ratio (blocked at grid 2, discrete at grid 1) before any work."""
     if cfg.method.branch not in ("mixmask", "mixmask-unmix", "erase"):
         return
-    from mixmask.masks import check_mask_config  # loads torch: only for branches that draw masks
+    from mixmask.core.masks import check_mask_config  # loads torch: only for branches that draw masks
 
     m = cfg.mask
     if m.grid_size > cfg.data.resolution:

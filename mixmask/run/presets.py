@@ -1,6 +1,6 @@
 """Named presets: the paper's settings for every DATASET-METHOD-BRANCH, plus the CPU `demo`.
 
-Every value of a paper preset comes from `mixmask.preset_table`, which names its source (Tables 1 and 8, the
+Every value of a paper preset comes from `mixmask.run.preset_table`, which names its source (Tables 1 and 8, the
 official code, or "ours, because …") and which the README renders. `base_lr` is quoted at the preset's own batch
 (`base_batch`), so the preset trains with exactly the paper's learning rate and other batch sizes scale it linearly.
 Better-than-official choices (e.g. `optim.decay_norm_and_bias=false`) stay options, never paper-preset defaults.
@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mixmask.config import BRANCHES, METHOD_NAMES, Config
 from mixmask.errors import UserError, did_you_mean
-from mixmask.preset_table import rows_for
+from mixmask.run.config import BRANCHES, METHOD_NAMES, Config
+from mixmask.run.preset_table import rows_for
 
 DATASETS = ("cifar100", "tinyimagenet", "imagenet")
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from mixmask.masks import MASK_GENERATORS, Ratio, check_mask_config
-from mixmask.mixing import (
+from mixmask.batches import MixedBatch
+from mixmask.core.masks import MASK_GENERATORS, Ratio, check_mask_config
+from mixmask.core.mixing import (
     erase,
     identity_permutation,
     mix,
@@ -17,8 +18,7 @@ from mixmask.mixing import (
     random_permutation,
     reverse_permutation,
 )
-from mixmask.types import MixedBatch
-from mixmask.unmix import unmix
+from mixmask.core.unmix import unmix
 from mixmask.vocab import BRANCH_KINDS, BRANCHES, ERASE_FILLS, MASK_SHARES, PERMUTATIONS  # no config object
 
 MASK_KINDS = tuple(MASK_GENERATORS)

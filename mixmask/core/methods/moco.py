@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixmask import distributed
-from mixmask.backbones import split_batchnorm_
-from mixmask.losses import info_nce, info_nce_soft
-from mixmask.methods.base import SiameseMethod, frozen_copy, momentum_update_
-from mixmask.methods.heads import mlp
-from mixmask.types import MixedBatch
+from mixmask.batches import MixedBatch
+from mixmask.core import distributed
+from mixmask.core.backbones import split_batchnorm_
+from mixmask.core.losses import info_nce, info_nce_soft
+from mixmask.core.methods.base import SiameseMethod, frozen_copy, momentum_update_
+from mixmask.core.methods.heads import mlp
 
 
 class MoCo(SiameseMethod):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from mixmask.core.methods.base import MIXED_KINDS, SiameseMethod
+from mixmask.core.methods.byol import BYOL
+from mixmask.core.methods.moco import MoCo
+from mixmask.core.methods.simclr import SimCLR
+from mixmask.core.methods.simsiam import SimSiam
 from mixmask.errors import choice_error
-from mixmask.methods.base import MIXED_KINDS, SiameseMethod
-from mixmask.methods.byol import BYOL
-from mixmask.methods.moco import MoCo
-from mixmask.methods.simclr import SimCLR
-from mixmask.methods.simsiam import SimSiam
 from mixmask.vocab import BRANCH_KINDS
 
 METHODS: dict[str, type[SiameseMethod]] = {"moco": MoCo, "simclr": SimCLR, "byol": BYOL, "simsiam": SimSiam}
