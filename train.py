@@ -26,7 +26,7 @@ from mixmask.run.build import (
     knn_monitor,
     write_run_artifacts,
 )
-from mixmask.run.config import Config, derived
+from mixmask.run.config import Config, derived, method_shape
 from mixmask.run.config_cli import add_config_arguments, config_from_args, to_yaml
 from mixmask.run.metrics import MetricsWriter, drop_records_after
 from mixmask.run.optim import build_optimizer, lr_at, set_lr
@@ -116,10 +116,9 @@ def train(cfg: Config, run: launch.Launch) -> int:
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
 
     # ---- method, operator, optimizer
-    method = build_method_from_config(cfg, data.num_classes, world_size=run.world_size).to(device)
-    if cfg.method.bn_splits > 1 and run.distributed:
-        view.message(f"method.bn_splits={cfg.method.bn_splits} is for one process; with {run.world_size} processes "
-                     "each rank's BatchNorm is a split and shuffle-BN applies")
+    method = build_method_from_config(cfg, world_size=run.world_size).to(device)
+    if note := cfg.method.params.launch_note(method_shape(cfg, run.world_size)):
+        view.message(note)
     if cfg.method.sync_bn and run.distributed:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if cfg.run.channels_last:

@@ -169,7 +169,7 @@ def _preset_parts(args, batch: int):
     s = SIZES[args.size]
     cfg = resolve("imagenet-moco-mixmask", overrides=[
         f"method.arch={s['arch']}", f"method.cifar_stem={str(s['cifar_stem']).lower()}",
-        f"data.resolution={s['resolution']}", f"data.batch_size={batch}", f"method.queue_size={s['queue_size']}",
+        f"data.resolution={s['resolution']}", f"data.batch_size={batch}", f"method.moco.queue_size={s['queue_size']}",
         "data.source=synthetic", f"run.device={args.device}"])
     device = torch.device(args.device)
     method = build_method_from_config(cfg).to(device).to(memory_format=torch.channels_last)

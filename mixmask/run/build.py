@@ -48,33 +48,18 @@ def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_p
     return train, (bank, query, data.num_classes, data.val_label_map)
 
 
-def build_method_from_config(cfg: Config, num_classes: int | None = None, *, world_size: int = 1) -> torch.nn.Module:
-    """The Siamese method of `cfg.method` around a fresh backbone (num_classes is unused by the methods).
+def build_method_from_config(cfg: Config, *, world_size: int = 1) -> torch.nn.Module:
+    """The Siamese method `cfg.method.name` around a fresh backbone, from its own section `method.<name>`.
 
-    `world_size` decides whether MoCo's split BatchNorm applies (`config.bn_splits_in_use`: one process only).
+    `world_size` is the launch's: MoCo's split BatchNorm applies in one process only (`MoCoParams.bn_splits_in_use`).
     """
     from mixmask.core.backbones import build_backbone
-    from mixmask.core.methods import build_method
-    from mixmask.run.config import bn_splits_in_use
+    from mixmask.core.methods import build_method_from_params
 
     m = cfg.method
     backbone, feature_dim = build_backbone(m.arch, cifar_stem=m.cifar_stem)
-    hparams: dict
-    if m.name == "moco":
-        # MoCo v2's MLP hidden width is the backbone's feature width (512 for ResNet-18, 2048 for ResNet-50), as
-        # in the official code; method.hidden_dim sizes the other methods' projectors.
-        hparams = dict(version=2 if m.mlp_head else 1, dim=m.dim, mlp_hidden_dim=None,
-                       queue_size=m.queue_size, momentum=m.momentum, temperature=m.temperature,
-                       shuffle_bn=m.shuffle_bn and not m.sync_bn, sync_bn=m.sync_bn,
-                       bn_splits=bn_splits_in_use(cfg, world_size))
-    elif m.name == "simclr":
-        hparams = dict(proj_hidden_dim=m.hidden_dim, proj_dim=m.dim, temperature=m.temperature)
-    elif m.name == "byol":
-        hparams = dict(proj_hidden_dim=m.hidden_dim, proj_dim=m.dim, pred_hidden_dim=m.pred_dim, base_tau=m.momentum)
-    else:
-        hparams = dict(proj_dim=m.dim, proj_hidden_dim=m.hidden_dim, proj_layers=m.proj_layers,
-                       pred_hidden_dim=m.pred_dim)
-    return build_method(m.name, backbone=backbone, feature_dim=feature_dim, **hparams)
+    return build_method_from_params(m.name, m.params, backbone=backbone, feature_dim=feature_dim,
+                                    world_size=world_size, sync_bn=m.sync_bn)
 
 
 def build_operator(cfg: Config):

@@ -31,7 +31,7 @@ MAY_CHANGE: frozenset[str] = frozenset({
     "run.log_every", "run.ckpt_every", "run.keep_ckpts", "run.knn_every", "run.tensorboard", "run.progress",
     "data.workers", "data.os_cache", "data.batches_ahead", "data.data_dir", "data.val_path",
 })
-MAY_CHANGE_SECTIONS: tuple[str, ...] = ("eval.", "bench.")
+MAY_CHANGE_SECTIONS: tuple[str, ...] = ("eval.",)
 
 
 class RunLock:
@@ -112,6 +112,9 @@ def check_resume_config(stored: dict[str, Any], new: dict[str, Any], *, checkpoi
 
     Returns one-line notes on the changes that are allowed (or overridden with `allow_change`).
     """
+    from mixmask.run.config import upgrade_saved_config  # an older run's flat method keys, in today's sections
+
+    stored = upgrade_saved_config(stored)
     refused, allowed = config_changes(stored, new)
     notes = []
     if refused and not allow_change:
