@@ -71,6 +71,13 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _in_use(flat: dict[str, Any]) -> dict[str, Any]:
+    """The keys a run reads: every method has a section `method.<name>`, and only the run's own method's counts
+    (a change of method shows as `method.name`)."""
+    own = f"method.{flat.get('method.name')}."
+    return {k: v for k, v in flat.items() if k.count(".") < 2 or not k.startswith("method.") or k.startswith(own)}
+
+
 def may_change(key: str) -> bool:
     return key in MAY_CHANGE or key.startswith(MAY_CHANGE_SECTIONS)
 
@@ -80,7 +87,7 @@ def config_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[st
 
     `run.epochs` lowered is refused (the schedule would end before where the run already is, or be compressed).
     """
-    old_flat, new_flat = flatten(stored), flatten(new)
+    old_flat, new_flat = _in_use(flatten(stored)), _in_use(flatten(new))
     refused, allowed = [], []
     for key in sorted(old_flat.keys() | new_flat.keys()):
         missing = object()
