@@ -290,6 +290,19 @@ def test_moco_settings_map_onto_its_constructor_and_are_checked():
     assert note and note.startswith("method.moco.bn_splits=8 is for one process")
 
 
+@pytest.mark.parametrize("name", ["simclr", "byol", "simsiam"])
+def test_heads_with_batchnorm_need_two_samples_per_process(name):
+    params = METHODS[name].Params()
+    with pytest.raises(UserError, match="data.batch_size=8 on 8 processes leaves 1 sample per process"):
+        params.check(RunShape(global_batch=8, world_size=8))
+    params.check(RunShape(global_batch=8, world_size=8, sync_bn=True))  # SyncBN pools the processes
+    params.check(RunShape(global_batch=16, world_size=8))
+    params.check(RunShape(global_batch=2))  # config time: the processes are not known yet
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # what the check stands in for
+        method = make_method(name)
+        method(*views(batch=1))
+
+
 def test_registry_and_batch_validation():
     with pytest.raises(UserError, match="did you mean 'moco'.*valid: byol, moco, simclr, simsiam"):
         build_method("mocco", backbone=nn.Identity(), feature_dim=4)

@@ -204,7 +204,7 @@ def _check_masks(cfg: Config) -> None:
     """Refuse masks that can never reach their ratio (blocked at grid 2, discrete at grid 1) before any work."""
     if cfg.method.branch not in ("mixmask", "mixmask-unmix", "erase"):
         return
-    from mixmask.core.masks import check_mask_config  # loads torch: only for branches that draw masks
+    from mixmask.core.masks import check_mask_config  # loads the mask kernels: only for branches that draw masks
 
     m = cfg.mask
     if m.grid_size > cfg.data.resolution:

@@ -71,10 +71,10 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _in_use(flat: dict[str, Any]) -> dict[str, Any]:
-    """The keys a run reads: every method has a section `method.<name>`, and only the run's own method's counts
-    (a change of method shows as `method.name`)."""
-    own = f"method.{flat.get('method.name')}."
+def _in_use(flat: dict[str, Any], method: str | None) -> dict[str, Any]:
+    """The keys a run of `method` reads: every method has a section `method.<name>`, only its own counts (None:
+    none does)."""
+    own = f"method.{method}."
     return {k: v for k, v in flat.items() if k.count(".") < 2 or not k.startswith("method.") or k.startswith(own)}
 
 
@@ -87,7 +87,10 @@ def config_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[st
 
     `run.epochs` lowered is refused (the schedule would end before where the run already is, or be compressed).
     """
-    old_flat, new_flat = _in_use(flatten(stored)), _in_use(flatten(new))
+    old_flat, new_flat = flatten(stored), flatten(new)
+    # Only the run's own method section counts; when the method itself changes, `method.name` says so alone.
+    method = old_flat.get("method.name") if old_flat.get("method.name") == new_flat.get("method.name") else None
+    old_flat, new_flat = _in_use(old_flat, method), _in_use(new_flat, method)
     refused, allowed = [], []
     for key in sorted(old_flat.keys() | new_flat.keys()):
         missing = object()

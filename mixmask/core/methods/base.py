@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from mixmask.batches import MixedBatch
+from mixmask.errors import UserError
 from mixmask.vocab import MIXED_KINDS
 
 
@@ -50,6 +51,15 @@ class MethodParams:
     def launch_note(self, shape: RunShape) -> str | None:
         """A line worth telling the user about how these settings apply to this launch, or None."""
         return None
+
+
+def check_head_batchnorm(shape: RunShape) -> None:
+    """Projection heads with BatchNorm1d need two samples per process in training (SyncBN pools the processes)."""
+    per_rank = shape.batch_size_per_rank
+    if per_rank is not None and per_rank < 2 and not shape.sync_bn:
+        raise UserError(f"data.batch_size={shape.global_batch} on {shape.world_size} processes leaves {per_rank} "
+                        "sample per process, and the projection head's BatchNorm needs at least 2: raise "
+                        "data.batch_size or set method.sync_bn=true")
 
 
 class SiameseMethod(nn.Module):

@@ -13,7 +13,14 @@ import torch.nn as nn
 
 from mixmask.batches import MixedBatch
 from mixmask.core.losses import byol_regression, soft_mix
-from mixmask.core.methods.base import MethodParams, SiameseMethod, frozen_copy, momentum_update_
+from mixmask.core.methods.base import (
+    MethodParams,
+    RunShape,
+    SiameseMethod,
+    check_head_batchnorm,
+    frozen_copy,
+    momentum_update_,
+)
 from mixmask.core.methods.heads import mlp
 from mixmask.fields import setting
 
@@ -27,6 +34,9 @@ class BYOLParams(MethodParams):
     pred_hidden_dim: int | None = setting(None, "predictor hidden width (null = proj_hidden_dim)", ge=1)
     base_tau: float = setting(0.99, "target EMA decay at the start; it follows a cosine to 1 at the end", ge=0.0,
                               le=1.0)
+
+    def check(self, shape: RunShape) -> None:
+        check_head_batchnorm(shape)
 
 
 def cosine_tau(base_tau: float, progress: float) -> float:

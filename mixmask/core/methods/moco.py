@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from mixmask.batches import MixedBatch
 from mixmask.core import distributed
-from mixmask.core.backbones import split_batchnorm_
 from mixmask.core.losses import info_nce, info_nce_soft
 from mixmask.core.methods.base import MethodParams, RunShape, SiameseMethod, frozen_copy, momentum_update_
 from mixmask.core.methods.heads import mlp
@@ -126,6 +125,9 @@ class MoCo(SiameseMethod):
                              "other within one)")
         if sync_bn:
             backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+        # Imported here: backbones loads torchvision, which the config (importing MoCoParams) does not need.
+        from mixmask.core.backbones import split_batchnorm_
+
         self.backbone = split_batchnorm_(backbone, bn_splits)
         self.bn_splits = bn_splits
         if version == 1:

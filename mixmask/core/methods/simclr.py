@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mixmask.batches import MixedBatch
 from mixmask.core import distributed
 from mixmask.core.losses import info_nce_soft, nt_xent, self_pair_mask
-from mixmask.core.methods.base import MethodParams, SiameseMethod
+from mixmask.core.methods.base import MethodParams, RunShape, SiameseMethod, check_head_batchnorm
 from mixmask.core.methods.heads import mlp
 from mixmask.fields import setting
 
@@ -26,6 +26,9 @@ class SimCLRParams(MethodParams):
     proj_hidden_dim: int = setting(1024, "projector hidden width (Linear-BN-ReLU-Linear)", ge=1)
     proj_dim: int = setting(128, "projector output (embedding) dimension", ge=1)
     temperature: float = setting(0.5, "NT-Xent softmax temperature", gt=0.0)
+
+    def check(self, shape: RunShape) -> None:
+        check_head_batchnorm(shape)
 
 
 class SimCLR(SiameseMethod):

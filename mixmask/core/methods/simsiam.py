@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from mixmask.batches import MixedBatch
 from mixmask.core.losses import negative_cosine, soft_mix
-from mixmask.core.methods.base import MethodParams, SiameseMethod
+from mixmask.core.methods.base import MethodParams, RunShape, SiameseMethod, check_head_batchnorm
 from mixmask.core.methods.heads import mlp
 from mixmask.fields import setting
 
@@ -26,6 +26,9 @@ class SimSiamParams(MethodParams):
                                           ge=1)
     proj_layers: int = setting(3, "projector layers (3 on ImageNet, 2 in the SimSiam paper's CIFAR setting)", ge=1)
     pred_hidden_dim: int = setting(512, "predictor bottleneck width", ge=1)
+
+    def check(self, shape: RunShape) -> None:
+        check_head_batchnorm(shape)
 
 
 class SimSiam(SiameseMethod):
