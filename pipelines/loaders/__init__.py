@@ -126,7 +126,7 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
                   dtype=dtype,
                   channels_last=channels_last, drop_last=drop_last, batches_ahead=batches_ahead)
     if is_shard_path(path):
-        loader = build_shard_loader(backend, 0, path, split, shuffle_buffer, shard_url, **common)
+        loader = build_shard_loader(backend, path, split, shuffle_buffer, shard_url, eval_loader=False, **common)
     elif backend == "ffcv":
         loader = cls(path, os_cache=os_cache, order=order, order_window=order_window, **common)
     else:
@@ -157,7 +157,7 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
                   std=std, dtype=dtype, channels_last=channels_last, batches_ahead=batches_ahead,
                   small=resolution <= SMALL_IMAGE_MAX)
     if is_shard_path(path):
-        return build_shard_loader(backend, 1, path, split, shuffle_buffer, shard_url, **common)
+        return build_shard_loader(backend, path, split, shuffle_buffer, shard_url, eval_loader=True, **common)
     if backend == "ffcv":
         return cls(path, os_cache=os_cache, **common)
     return cls(open_split(source, path, split, synthetic), max_bad_fraction=max_bad_fraction, **common)
