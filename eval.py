@@ -29,6 +29,7 @@ from mixmask.evaluation.features import (
     accuracy,
     backbone_state,
     check_labels,
+    eval_batch_per_rank,
     extract_features,
     find_checkpoint,
     knn_scores,
@@ -54,8 +55,6 @@ from mixmask.run.config_cli import from_dict, resolve, to_dict
 from mixmask.run.provenance import provenance
 from mixmask.run.step import autocast_dtype
 from pipelines.prepare import DataPaths, prepare_data, synthetic_kwargs
-
-PROTOCOLS = ("knn", "linear", "semisup")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -112,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(ckpt["config"], dict):
         raise UserError(f"{ckpt_path} has no stored config dict; it was not written by train.py")
     cfg = resolve(None, None, args.overrides, base=from_dict(ckpt["config"]))
-    state = backbone_state(ckpt["method"])
-    if not state:
-        raise UserError(f"{ckpt_path} holds no backbone.* weights; it was not written by train.py")
+    state = backbone_state(ckpt["method"], source=str(ckpt_path))
     backbone, feature_dim = load_backbone(state, cfg.method.arch, cifar_stem=cfg.method.cifar_stem,
                                           source=str(ckpt_path))
     trained_for = {"checkpoint_epoch": ckpt.get("epoch"), "checkpoint_step": ckpt.get("step")}
@@ -179,7 +176,7 @@ def _eval_loader(ctx: Context, split: str, *, train_aug: bool):
     synthetic = ctx.data.synthetic_train if split == "train" else ctx.data.synthetic_val
     return build_eval_loader(cfg.data.backend, source=cfg.data.source, path=path, split=split,
                              resolution=cfg.data.resolution,
-                             batch_size_per_rank=max(1, cfg.eval.batch_size // run.world_size),
+                             batch_size_per_rank=eval_batch_per_rank(cfg.eval.batch_size, run.world_size),
                              train_aug=train_aug, rank=run.rank, world_size=run.world_size,
                              workers=cfg.data.workers, device=run.device, synthetic=synthetic or None)
 
@@ -195,6 +192,14 @@ def _features(ctx: Context, model: nn.Module, split: str) -> tuple[torch.Tensor,
         y = remap_labels(y, ctx.data.val_label_map)
     check_labels(y, ctx.data.num_classes, split)
     return x, y
+
+
+def _ddp(module: nn.Module, run: launch.Launch) -> nn.Module:
+    """`module` DDP-wrapped when distributed (DDP averages the gradients of the ranks' shards), else itself."""
+    if not run.distributed:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == "cuda"
+                                               else None)
 
 
 # ---- protocols: each returns (results, extra facts for the JSON)
@@ -230,7 +235,8 @@ def linear(ctx: Context) -> tuple[dict, dict]:
         num_train, num_val = train_x.shape[0], val_x.shape[0]
     else:
         train_loader = _eval_loader(ctx, "train", train_aug=True)
-        losses = train_on_images(ctx.backbone, head, train_loader, device=device, dtype=ctx.dtype, **common)
+        losses = train_on_images(ctx.backbone, _ddp(head, ctx.run), train_loader, device=device, dtype=ctx.dtype,
+                                 **common)
         logits, val_y = _features(ctx, nn.Sequential(ctx.backbone, head).eval(), "val")
         num_train, num_val = train_loader.num_samples, logits.shape[0]
     assert_unchanged(ctx.backbone, reference)
@@ -265,18 +271,15 @@ def semisup(ctx: Context) -> tuple[dict, dict]:
         indices = balanced_subset(labels, cfg.eval.semisup_fraction, cfg.run.seed)
         subset_name = f"balanced {cfg.eval.semisup_fraction:g}, seed {cfg.run.seed}"
     check_labels(torch.from_numpy(labels[indices]), ctx.data.num_classes, "labelled subset")
-    dataset = SubsetDataset(source, indices, resolution=cfg.data.resolution, train_aug=True, mean=IMAGENET_MEAN,
-                            std=IMAGENET_STD)
-    loader = subset_loader(dataset, batch_size_per_rank=max(2, cfg.eval.batch_size // run.world_size),
-                           rank=run.rank, world_size=run.world_size, workers=cfg.data.workers, seed=cfg.run.seed)
+    dataset = SubsetDataset(source, indices, resolution=cfg.data.resolution, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    # At least 2 a rank: BatchNorm in train mode cannot normalise a single image.
+    per_rank = eval_batch_per_rank(cfg.eval.batch_size, run.world_size, minimum=2)
+    loader = subset_loader(dataset, batch_size_per_rank=per_rank, rank=run.rank, world_size=run.world_size,
+                           workers=cfg.data.workers, seed=cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     model = nn.Sequential(ctx.backbone, linear_head(ctx.feature_dim, ctx.data.num_classes)).to(run.device)
     ctx.backbone.requires_grad_(True)
-    trained: nn.Module = model
-    if run.distributed:
-        trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    losses = finetune(trained, loader, epochs=cfg.eval.epochs, backbone_lr=cfg.eval.semisup_lr,
+    losses = finetune(_ddp(model, run), loader, epochs=cfg.eval.epochs, backbone_lr=cfg.eval.semisup_lr,
                       head_lr=10 * cfg.eval.semisup_lr, device=run.device, dtype=ctx.dtype)
     logits, val_y = _features(ctx, model, "val")
     results = evaluate_logits(logits, val_y)

@@ -14,14 +14,7 @@ from pathlib import Path
 import torch
 
 from mixmask.errors import UserError, cli_entry
-
-
-def backbone_state_dict(method_state: dict) -> dict[str, torch.Tensor]:
-    """The `backbone.*` entries of a method state dict, prefix stripped (torchvision names, no `fc.*`)."""
-    out = {k[len("backbone."):]: v for k, v in method_state.items() if k.startswith("backbone.")}
-    if not out:
-        raise UserError("the checkpoint holds no backbone weights (no 'backbone.' keys)")
-    return out
+from mixmask.evaluation.features import backbone_state
 
 
 def to_detectron2(state: dict[str, torch.Tensor]) -> dict:
@@ -60,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{str(args.checkpoint)!r} is corrupt, truncated or not a PyTorch file "
                         f"({type(err).__name__}); give a run's checkpoints/last.pt or backbone.pt") from None
     if isinstance(raw, dict) and "method" in raw:
-        state = backbone_state_dict(load_checkpoint(args.checkpoint)["method"])
+        state = backbone_state(load_checkpoint(args.checkpoint)["method"], source=repr(str(args.checkpoint)))
     elif isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values()):
         state = raw  # backbone.pt
     else:

@@ -34,7 +34,10 @@ from mixmask.errors import UserError, choice_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SMALL_IMAGE_MAX = 64  # resolutions up to this drop the Gaussian blur
+SMALL_IMAGE_MAX = 64  # resolutions up to this drop the Gaussian blur, and evaluate on the uncropped image
+# Evaluation centre crop above SMALL_IMAGE_MAX: the crop is this share of the resized short side (ImageNet's 224
+# of 256, as MoCo's and SimCLR's evaluations); every eval loader reads it from here.
+EVAL_CROP_RATIO = 0.875
 
 
 @dataclass(frozen=True)

@@ -16,20 +16,19 @@ temporary file and exits non-zero with one line; a complete earlier output stays
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mixmask.errors import UserError, choice_error, cli_entry
 from pipelines.convert_writer import Reporter, validate_files, write_beton
-from pipelines.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path, write_json_atomic
+from pipelines.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, dataset_record, sidecar_path, write_json_atomic
 from pipelines.sources import SOURCES, SyntheticSource, open_source
 
 WRITE_MODES = ("raw", "jpg", "smart")
@@ -186,37 +185,18 @@ def _write_sidecar(out: Path, src, good: np.ndarray, skipped: list[tuple[str, st
         raise _Stopped(_STOPPED[0])
     import ffcv
 
-    labels = np.fromiter((src.label(int(i)) for i in good), dtype=np.int64, count=len(good))
     data = {
         "format": SIDECAR_FORMAT,
         "version": SIDECAR_VERSION,
         "beton": out.name,
-        "source": src.name,
-        "split": src.split,
-        "source_info": src.describe(),
         "fields": {"image": "RGBImageField", "label": "IntField"},
-        "class_names": list(src.class_names),
-        "num_classes": len(src.class_names),
-        "class_counts": np.bincount(labels, minlength=len(src.class_names)).tolist(),
-        "num_written": int(len(good)),
-        "num_skipped": len(skipped),
-        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        **dataset_record(src, good, skipped, seconds),
         "write": {"mode": write_mode, "max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
                   "smart_threshold_bytes": SMART_THRESHOLD_BYTES if write_mode == "smart" else None,
                   "workers": workers},
-        "seconds": round(seconds, 3),
-        "images_per_s": round(len(good) / max(seconds, 1e-9), 1),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "ffcv_version": getattr(ffcv, "__version__", "unknown"),
     }
     write_json_atomic(sidecar_path(out), data)
-
-
-def summary_dict(summary: ConversionSummary) -> dict:
-    """The summary as JSON-ready values."""
-    data = asdict(summary)
-    data["out"], data["sidecar"] = str(summary.out), str(summary.sidecar)
-    return data
 
 
 def print_summary(summary: ConversionSummary, file=None) -> None:

@@ -12,6 +12,33 @@ SIDECAR_FORMAT = "mixmask-beton-sidecar"
 SIDECAR_VERSION = 1
 
 
+def dataset_record(src, rows, skipped: list[tuple[str, str]], seconds: float) -> dict:
+    """What every converter sidecar records about the written samples (`.beton` and shards alike).
+
+    `src` is the `pipelines.sources.Source` read, `rows` the source indices written (in order), `skipped` the
+    (path, reason) of every image left out.
+    """
+    import datetime as dt
+
+    import numpy as np
+
+    labels = np.fromiter((src.label(int(i)) for i in rows), dtype=np.int64, count=len(rows))
+    return {
+        "source": src.name,
+        "split": src.split,
+        "source_info": src.describe(),
+        "class_names": list(src.class_names),
+        "num_classes": len(src.class_names),
+        "class_counts": np.bincount(labels, minlength=len(src.class_names)).tolist(),
+        "num_written": int(len(rows)),
+        "num_skipped": len(skipped),
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(rows) / max(seconds, 1e-9), 1),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def sidecar_path(beton: str | Path) -> Path:
     """Where the sidecar of `beton` lives: the same name with `.json` appended."""
     return Path(str(beton) + ".json")

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import io
 import json
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mixmask.errors import UserError
-from pipelines.sidecar import write_json_atomic
+from pipelines.sidecar import dataset_record, write_json_atomic
 from pipelines.sources import Source
 
 WDS_SIDECAR_FORMAT = "mixmask-wds-sidecar"
@@ -254,25 +253,13 @@ def write_shards(src: Source, rows: np.ndarray, layout: ShardLayout, *, samples_
 def write_wds_sidecar(layout: ShardLayout, src: Source, rows: np.ndarray, skipped: list[tuple[str, str]],
                       shards: list[dict], seconds: float, write: dict) -> dict:
     """The sidecar `DIR/PREFIX.json`: as the `.beton` one (source, classes, counts, skipped), plus the shards."""
-    labels = np.fromiter((src.label(int(i)) for i in rows), dtype=np.int64, count=len(rows))
     data = {
         "format": WDS_SIDECAR_FORMAT,
         "version": WDS_SIDECAR_VERSION,
-        "source": src.name,
-        "split": src.split,
-        "source_info": src.describe(),
         "fields": {"image": "jpg|png (RGB)", "label": "cls (ASCII integer)", "key": f"row, {KEY_DIGITS} digits"},
-        "class_names": list(src.class_names),
-        "num_classes": len(src.class_names),
-        "class_counts": np.bincount(labels, minlength=len(src.class_names)).tolist(),
-        "num_written": int(len(rows)),
-        "num_skipped": len(skipped),
-        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        **dataset_record(src, rows, skipped, seconds),
         "write": write,
         "shards": shards,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(len(rows) / max(seconds, 1e-9), 1),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_json_atomic(layout.sidecar, data)
     return data

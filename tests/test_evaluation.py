@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from mixmask.core.backbones import build_backbone
+from mixmask.core.schedule import lr_at
 from mixmask.errors import UserError
 from mixmask.evaluation.features import (
     backbone_state,
     check_labels,
+    eval_batch_per_rank,
     find_checkpoint,
     knn_predict,
     knn_scores,
@@ -27,7 +29,6 @@ from mixmask.evaluation.linear_probe import (
     evaluate_logits,
     freeze,
     linear_head,
-    linear_lr,
     train_on_features,
     train_on_images,
 )
@@ -110,6 +111,11 @@ def test_unshard_restores_dataset_order_and_drops_padding():
     assert unshard(padded, world, n, "contiguous").tolist() == list(range(n))
 
 
+def test_eval_batch_per_rank_splits_the_global_batch_and_never_empties_a_rank():
+    assert eval_batch_per_rank(256, 8) == 32 and eval_batch_per_rank(100, 3) == 33
+    assert eval_batch_per_rank(4, 8) == 1 and eval_batch_per_rank(4, 8, minimum=2) == 2
+
+
 def test_check_labels():
     check_labels(torch.tensor([0, 4]), 5, "val")
     with pytest.raises(UserError, match="labels up to 5 but 5 classes"):
@@ -154,6 +160,9 @@ def test_find_checkpoint(tmp_path):
 
 
 def test_linear_lr_schedules():
+    def linear_lr(epoch, epochs, base_lr, schedule):  # the probe's schedule: no warm-up (MoCo's main_lincls.py)
+        return lr_at(epoch, total_steps=epochs, warmup_steps=0, peak_lr=base_lr, schedule=schedule)
+
     assert linear_lr(0, 100, 30.0, "step") == 30.0
     assert linear_lr(59.9, 100, 30.0, "step") == 30.0
     assert linear_lr(60, 100, 30.0, "step") == pytest.approx(3.0)
@@ -246,7 +255,7 @@ def test_subset_dataset_and_loader_cover_the_subset():
 
     source = open_source("synthetic", split="train", num_images=40, num_classes=4, resolution=16, seed=0)
     indices = balanced_subset([source.label(i) for i in range(40)], 0.25, seed=0)
-    ds = SubsetDataset(source, indices, resolution=16, train_aug=True, mean=(0.5,) * 3, std=(0.25,) * 3)
+    ds = SubsetDataset(source, indices, resolution=16, mean=(0.5,) * 3, std=(0.25,) * 3)
     image, label = ds[0]
     assert image.shape == (3, 16, 16) and label == source.label(int(indices[0]))
     seen = []
@@ -254,5 +263,3 @@ def test_subset_dataset_and_loader_cover_the_subset():
         loader = subset_loader(ds, batch_size_per_rank=4, rank=rank, world_size=2, workers=0, seed=0)
         seen += [y for _, ys in loader for y in ys.tolist()]
     assert sorted(seen) == sorted(source.label(int(i)) for i in indices)
-    val = SubsetDataset(source, indices, resolution=16, train_aug=False, mean=(0.5,) * 3, std=(0.25,) * 3)
-    assert torch.equal(val[1][0], val[1][0])  # centre crop is deterministic

@@ -10,7 +10,8 @@ import torch
 import torchvision
 
 from mixmask.core.backbones import build_backbone
-from mixmask.export import backbone_state_dict, to_detectron2
+from mixmask.evaluation.features import backbone_state
+from mixmask.export import to_detectron2
 from mixmask.run.build import build_method_from_config
 from mixmask.run.checkpoint import save_atomic
 from mixmask.run.config_cli import resolve, to_dict
@@ -19,7 +20,7 @@ from mixmask.run.config_cli import resolve, to_dict
 def test_method_backbone_exports_torchvision_names():
     cfg = resolve("imagenet-moco-mixmask", None, ["method.arch=resnet18", "method.queue_size=256"])
     method = build_method_from_config(cfg)
-    state = backbone_state_dict(method.state_dict())
+    state = backbone_state(method.state_dict())
     missing, unexpected = torchvision.models.resnet18().load_state_dict(state, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
 

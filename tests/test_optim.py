@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from mixmask.run.optim import LARS, build_optimizer, lr_at, param_groups
+from mixmask.core.schedule import lr_at
+from mixmask.run.optim import LARS, build_optimizer, param_groups
 
 
 def reference_lr(step, total, warmup, peak, schedule, milestones=(0.6, 0.8)):

@@ -144,3 +144,126 @@ def test_resume_keeps_shards_across_two_ranks(data):
         _assert_same(rest, full[2:])
         tails.append(set(torch.cat([b.index for b in rest]).tolist()))
     assert not tails[0] & tails[1]
+
+
+# ---------------------------------------------------------------- webdataset shards (DALI's reader, the reference)
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from pipelines.convert import convert
+
+    out = tmp_path_factory.mktemp("resume-wds") / "shards"
+    convert("synthetic", out, num_images=N, num_classes=3, resolution=RES, out_format="wds", shard_samples=10,
+            workers=1)
+    return out
+
+
+def _shard_loader(backend: str, path, *, workers: int = 1, rank: int = 0, world_size: int = 1,
+                  drop_last: bool = True, batch: int = BATCH):
+    return build_two_view_loader(backend, source="synthetic", path=str(path), resolution=RES,
+                                 batch_size_per_rank=batch, recipe="mocov2", rank=rank, world_size=world_size,
+                                 seed=3, workers=workers, device=torch.device("cpu"), shuffle_buffer=16,
+                                 drop_last=drop_last)
+
+
+def _left_at(loader, batch: int) -> dict:
+    """The loader's position after an epoch left at `batch`, as train.py's `save` records it."""
+    loader.set_epoch(EPOCH)
+    head = _batches(loader, stop=batch)
+    assert len(head) == batch
+    state = loader.position_state()
+    assert (state["epoch"], state["batch"]) == (EPOCH, batch)
+    return state
+
+
+def test_dali_shards_resume_from_the_readers_checkpoint_decodes_only_the_remaining_batches(shards, monkeypatch):
+    from pipelines.loaders import wds_dali
+
+    straight = _shard_loader("dali", shards)
+    straight.set_epoch(EPOCH)
+    full = _batches(straight)
+    steps = len(straight)
+    assert len(full) == steps == N // BATCH
+    state = _left_at(_shard_loader("dali", shards), START)
+
+    runs: list[int] = []  # every pipeline iteration decodes one batch of samples
+    run = wds_dali.Pipeline.run
+
+    def counted(self, *args, **kwargs):
+        runs.append(self.batch_size)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(wds_dali.Pipeline, "run", counted)
+    resumed = _shard_loader("dali", shards, workers=2)  # a new process: another thread count changes nothing
+    resumed.set_epoch(EPOCH, start_batch=START, state=state)
+    rest = _batches(resumed)
+    _assert_same(rest, full[START:])  # reader position, shuffle buffer and augmentation draws came back
+    assert sum(runs) == (steps - START) * BATCH  # decoded: the remaining samples, nothing before batch START
+
+    runs.clear()  # without a recorded position (another world size wrote the checkpoint): read past, same batches
+    replayed = _shard_loader("dali", shards)
+    replayed.set_epoch(EPOCH, start_batch=START)
+    _assert_same(_batches(replayed), full[START:])
+    assert sum(runs) == steps * BATCH
+    with pytest.raises(ValueError, match="not epoch"):
+        replayed.set_epoch(EPOCH + 1, start_batch=START, state=state)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reference_shards_resume_decodes_only_the_remaining_samples(shards, workers):
+    straight = _shard_loader("torchvision", shards, workers=workers)
+    straight.set_epoch(EPOCH)
+    full = _batches(straight)
+    steps = len(straight)
+    assert straight.decoded_samples == steps * BATCH
+    start = START + 1  # odd: with 2 workers the resumed epoch starts on the second worker's turn
+    state = _left_at(_shard_loader("torchvision", shards, workers=workers), start)
+    for position in (state, None):  # recorded, or derived from the batch (clean shards: the same)
+        resumed = _shard_loader("torchvision", shards, workers=workers)
+        resumed.set_epoch(EPOCH, start_batch=start, state=position)
+        _assert_same(_batches(resumed), full[start:])
+        assert resumed.decoded_samples == (steps - start) * BATCH  # nothing before batch `start` decoded
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+@pytest.mark.parametrize(("batch", "start"), [(3, 3), (1, 10)])
+def test_shard_resume_inside_the_padding_of_an_uneven_rank(shards, backend, batch, start):
+    """42 samples over 4 ranks: rank 0 holds 10, rank 3 11, both run 11 samples' worth of steps (no drop_last).
+    Resumed at the last batch: partly padding (batch 3), or nothing but padding on rank 0 (batch 1)."""
+    for rank in (0, 3):
+        kwargs = dict(rank=rank, world_size=4, drop_last=False, batch=batch)
+        straight = _shard_loader(backend, shards, **kwargs)
+        straight.set_epoch(EPOCH)
+        full = _batches(straight)
+        state = _left_at(_shard_loader(backend, shards, **kwargs), start)
+        for position in (state, None):
+            resumed = _shard_loader(backend, shards, **kwargs)
+            resumed.set_epoch(EPOCH, start_batch=start, state=position)
+            rest = _batches(resumed)
+            _assert_same(rest, full[start:])
+            if backend == "torchvision":  # each remaining sample once; padding alone decodes the last one handed out
+                assert resumed.decoded_samples == len(set(torch.cat([b.index for b in rest]).tolist()))
+
+
+def test_reference_shards_resume_leaves_the_tars_it_trained_through_unopened(shards, monkeypatch):
+    import webdataset
+
+    opened: list[str] = []
+    shard_list = webdataset.SimpleShardList
+
+    def record(urls, *args, **kwargs):  # workers=0: the stream runs in this process
+        opened.extend(urls)
+        return shard_list(urls, *args, **kwargs)
+
+    monkeypatch.setattr(webdataset, "SimpleShardList", record)
+    straight = _shard_loader("torchvision", shards, workers=0)
+    straight.set_epoch(EPOCH)
+    full = _batches(straight)
+    every_tar = set(opened)
+    start = len(full) - 2
+    state = _left_at(_shard_loader("torchvision", shards, workers=0), start)
+    opened.clear()
+    resumed = _shard_loader("torchvision", shards, workers=0)
+    resumed.set_epoch(EPOCH, start_batch=start, state=state)
+    _assert_same(_batches(resumed), full[start:])
+    assert set(opened) < every_tar  # the tars whose samples all left the buffer before batch `start`: not read
+    assert resumed.decoded_samples == 2 * BATCH

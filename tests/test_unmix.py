@@ -98,6 +98,14 @@ def test_lambda_follows_beta(beta):
     reference = np.random.default_rng(0).beta(beta, beta, size=200000)
     p = (reference < 0.25).mean()
     assert abs((draws < 0.25).mean() - p) < 4 * math.sqrt(p * (1 - p) / len(draws))
+    # The whole CDF: two-sample Kolmogorov-Smirnov distance to that reference, under its 0.1 % critical value.
+    points = np.concatenate([draws, reference])
+    ks = np.abs(_ecdf(draws, points) - _ecdf(reference, points)).max()
+    assert ks < 1.95 * math.sqrt(1 / len(draws) + 1 / len(reference))
+
+
+def _ecdf(samples: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return np.searchsorted(np.sort(samples), points, side="right") / len(samples)
 
 
 def test_unmix_is_reproducible_and_keeps_layout_and_uint8():

@@ -183,20 +183,6 @@ def test_two_ranks_are_disjoint_cover_the_epoch_and_take_equal_steps(shards, bac
 
 # 42 over 2 ranks: 7 full batches each; 41 over 3 ranks: shares of 13, 14, 14 padded to 5 batches (no drop_last,
 # which would drop a buffer-order-dependent remainder that the two readers need not agree on)
-@pytest.mark.parametrize("backend", READERS)
-def test_an_epoch_resumed_at_a_batch_yields_the_uninterrupted_batches(shards, backend):
-    # Shards cannot slice a shuffle buffer, so a resume reads past the trained batches; what it hands out must be
-    # exactly the uninterrupted epoch's remaining batches (rows and pixels), and nothing before them.
-    loader = _loader(backend, shards, workers=1)
-    loader.set_epoch(1)
-    full = [(b.index.clone(), b.view1.clone()) for b in loader]
-    loader.set_epoch(1, start_batch=4, state=loader.position_state())
-    resumed = [(b.index.clone(), b.view1.clone()) for b in loader]
-    assert len(full) == len(loader) and len(resumed) == len(full) - 4
-    for (rows_a, pixels_a), (rows_b, pixels_b) in zip(full[4:], resumed, strict=True):
-        assert torch.equal(rows_a, rows_b) and torch.equal(pixels_a, pixels_b)
-
-
 @pytest.mark.parametrize("num_images,world_size", [(N, 2), (41, 3)])
 def test_dali_and_the_reference_reader_read_the_same_samples_per_rank(tmp_path, num_images, world_size):
     _convert(tmp_path / "shards", num_images=num_images)
@@ -211,7 +197,7 @@ def test_dali_and_the_reference_reader_read_the_same_samples_per_rank(tmp_path, 
 
 
 def test_partition_helpers_against_a_direct_count():
-    from pipelines.loaders.wds_reference import worker_runs
+    from pipelines.loaders.wds_reference import batch_workers, worker_runs
     from pipelines.loaders.wds_shards import rank_span
     from pipelines.wds import assign_to_shards
 
@@ -223,6 +209,8 @@ def test_partition_helpers_against_a_direct_count():
     assert [hi - lo for lo, hi in (rank_span(21, r, 4) for r in range(4))] == [5, 5, 5, 6]  # DALI: 0,5,10,15,21
     runs = worker_runs(21, 3, 2)  # 7 batches over 2 workers: 4 + 3 whole batches
     assert runs == [(0, 12), (12, 21)]
+    assert batch_workers(runs, 3) == [0, 1, 0, 1, 0, 1, 0]  # the DataLoader's round robin
+    assert batch_workers(worker_runs(11, 3, 3), 3) == [0, 1, 0, 1]  # 2 + 2 batches (one partial), one idle worker
     parts = assign_to_shards(25, 10, seed=1)
     assert [len(p) for p in parts] == [10, 10, 5] and sorted(np.concatenate(parts).tolist()) == list(range(25))
     assert all(np.array_equal(a, b) for a, b in zip(parts, assign_to_shards(25, 10, seed=1)))
@@ -302,6 +290,28 @@ def test_missing_and_corrupt_members_are_skipped_and_counted(shards, tmp_path, b
     else:
         assert set(rows) == set(range(N)) - damage["lost"] - damage["bad"]
         assert loader.skipped_samples == 1  # the one image that does not decode
+
+
+@pytest.mark.parametrize("backend", READERS)
+def test_resume_past_damaged_members_yields_the_uninterrupted_batches(shards, tmp_path, backend):
+    """Resumed from `position_state()` after the image that does not decode (DALI drops its batch, the reference
+    reader its sample): the recorded position accounts for it, so the rest is the uninterrupted epoch's."""
+    from tests.test_resume_no_replay import _assert_same, _batches
+
+    damaged = tmp_path / "damaged"
+    _damage(shards, damaged)
+    straight = _loader(backend, damaged, batch=2, workers=2)
+    straight.set_epoch(2)
+    full = _batches(straight)
+    start = 8
+    interrupted = _loader(backend, damaged, batch=2, workers=2)
+    interrupted.set_epoch(2)
+    _batches(interrupted, stop=start)
+    # the damage lies before the resume point
+    assert (interrupted.skipped_batches if backend == "dali" else interrupted.skipped_samples) == 1
+    resumed = _loader(backend, damaged, batch=2, workers=2)
+    resumed.set_epoch(2, start_batch=start, state=interrupted.position_state())
+    _assert_same(_batches(resumed), full[start:])
 
 
 def test_shard_errors_are_one_line(shards, tmp_path):

@@ -1,13 +1,22 @@
 """Process-group helpers the methods use: rank queries, gathers with and without gradient, shuffle-BN.
 
 Every helper works without a process group (plain `python train.py`): rank 0, world size 1, gathers return their
-input. Nothing here reads environment variables; `train.py` initialises the group from torchrun's `env://`.
+input. Nothing here reads environment variables; `mixmask.run.launch` initialises the group from torchrun's `env://`.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+# torch 2.14 marks this public autograd gather deprecated in favour of `torch.distributed._functional_collectives`,
+# a private module; the public one is correct on the pinned torch (tests/test_methods_distributed.py checks the
+# gradients on gloo), so its once-per-rank FutureWarning is not shown to users. Revisit when torch removes it.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                        category=FutureWarning)
 
 
 def is_distributed() -> bool:
@@ -39,38 +48,19 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's slice.
-
-    Each rank's loss uses the whole gathered batch, so the gradient of rank r's input is the sum over all ranks of
-    the gradients flowing into slice r; DDP then averages parameter gradients as usual (SimCLR, Chen et al. 2020,
-    "global BN / cross-replica negatives").
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.batch = x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        rank = get_rank()
-        return grad[rank * ctx.batch : (rank + 1) * ctx.batch]
-
-
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank in rank order, letting gradients flow back to every rank's input.
+
+    Each rank's loss uses the whole gathered batch, so the gradient of rank r's input is the sum over ranks of the
+    gradients flowing into slice r: torch's autograd all_gather does that sum (a reduce-scatter), and DDP then
+    averages parameter gradients as usual (SimCLR, Chen et al. 2020, cross-replica negatives).
 
     Shape:
         x: (B, ...) with the same B on every rank → (world_size·B, ...)
     """
     if not is_distributed():
         return x
-    return _GatherWithGrad.apply(x)
+    return torch.cat(dist_nn.all_gather(x), dim=0)
 
 
 @torch.no_grad()

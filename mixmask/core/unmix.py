@@ -19,14 +19,17 @@ import torch
 def sample_beta(
     beta: float, generator: torch.Generator | None = None, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """One draw of λ ~ Beta(β, β) from `generator`, as a 0-dim float64 tensor on `device` (two Gamma draws).
+    """One draw of λ ~ Beta(β, β) from `generator`, as a 0-dim float64 tensor on `device`: X / (X + Y) with X, Y ~
+    Gamma(β, 1) independent.
 
-    `torch.distributions.Beta` takes no generator, hence the Gamma construction X / (X + Y), X, Y ~ Gamma(β).
+    `torch.distributions.Beta.sample` takes no generator but `Gamma.sample` does, so λ stays a draw of the caller's
+    (mask) generator and a run reproduces it. `validate_args=False`: `beta` is checked here, on the host, because the
+    distribution's own check would read a device tensor back (a host sync every step).
     """
     if beta <= 0:
         raise ValueError(f"Un-Mix beta must be > 0, got {beta}")
-    alpha = torch.full((2,), float(beta), dtype=torch.float64, device=device)
-    gammas = torch._standard_gamma(alpha, generator=generator)
+    one = torch.ones((), dtype=torch.float64, device=device)
+    gammas = torch.distributions.Gamma(one * beta, one, validate_args=False).sample((2,), generator=generator)
     return gammas[0] / gammas.sum()
 
 

@@ -1,5 +1,5 @@
-"""Evaluation pieces shared by the kNN monitor in train.py and by eval.py: features, weighted kNN, accuracies,
-and rebuilding a backbone from a training checkpoint."""
+"""Evaluation pieces shared by the kNN monitor of training (`mixmask.run.build`) and by eval.py: features, weighted
+kNN, accuracies, batch sizes and sharding, and rebuilding a backbone from a training checkpoint."""
 
 from __future__ import annotations
 
@@ -57,8 +57,7 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                     device: torch.device, *, dtype: torch.dtype | None = None,
-                     gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device, *, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features and labels for every batch, in eval mode; gathered from all ranks when distributed.
 
     Every rank must call this (it runs collectives when a process group exists), each with its own shard.
@@ -75,7 +74,7 @@ def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     backbone.train(was_training)
     features = torch.cat(feats) if feats else torch.empty(0, device=device)
     label_t = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device)
-    if gather and dist_utils.is_distributed():
+    if dist_utils.is_distributed():
         features = gather_variable(features)
         label_t = gather_variable(label_t)
     return features, label_t
@@ -129,6 +128,12 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...
 
 
 RANK_LAYOUTS = ("strided", "contiguous")
+
+
+def eval_batch_per_rank(global_batch: int, world_size: int, *, minimum: int = 1) -> int:
+    """This rank's share of the global evaluation batch (`eval.batch_size`), at least `minimum`: a world larger
+    than the batch still gives every rank a batch."""
+    return max(minimum, global_batch // world_size)
 
 
 def unshard(x: torch.Tensor, world_size: int, num_samples: int, layout: str = "strided") -> torch.Tensor:
@@ -213,9 +218,13 @@ def describe_backbone(state: dict[str, torch.Tensor]) -> str:
     return f"{arch} ({stem})"
 
 
-def backbone_state(method_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The `backbone.*` entries of a method state dict, prefix removed (torchvision names)."""
-    return {k[len("backbone."):]: v for k, v in method_state.items() if k.startswith("backbone.")}
+def backbone_state(method_state: dict[str, torch.Tensor], source: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """The `backbone.*` entries of a method state dict, prefix removed (torchvision names, no `fc.*`); UserError
+    naming `source` when there are none."""
+    state = {k[len("backbone."):]: v for k, v in method_state.items() if k.startswith("backbone.")}
+    if not state:
+        raise UserError(f"{source} holds no backbone.* weights; it was not written by train.py")
+    return state
 
 
 def load_backbone(state: dict[str, torch.Tensor], arch: str, *, cifar_stem: bool, source: str

@@ -6,30 +6,22 @@ a cosine one. Two paths: on cached features of centre crops (fast: the backbone 
 (random-resized-crop + flip, the backbone runs every epoch). MoCo v3's sanity check confirms afterwards that the
 frozen weights did not change.
 
-Every rank must call the training functions (they all-reduce gradients and gather logits when distributed).
+Every rank calls the training functions: on cached features each rank does the same work on all of them; on
+images each trains on its shard and DDP averages the head's gradients.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixmask.core import distributed as dist_utils
-from mixmask.evaluation.features import gather_variable, topk_accuracy
-
-
-def linear_lr(epoch: float, epochs: int, base_lr: float, schedule: str, milestones: tuple[float, ...] = (0.6, 0.8)
-              ) -> float:
-    """Learning rate at (fractional) `epoch`: step (÷10 at each milestone fraction, MoCo) or cosine to zero."""
-    if schedule == "cosine":
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    if schedule != "step":
-        raise ValueError(f"unknown schedule {schedule!r}")
-    return base_lr * 0.1 ** sum(epoch >= m * epochs for m in milestones)
+from mixmask.core.schedule import lr_at
+from mixmask.evaluation.features import topk_accuracy
 
 
 def linear_head(feature_dim: int, num_classes: int) -> nn.Linear:
@@ -63,19 +55,32 @@ def assert_unchanged(backbone: nn.Module, reference: dict[str, torch.Tensor]) ->
     assert not changed, f"the frozen backbone changed during linear evaluation: {changed[:5]}"
 
 
+def sgd_epochs(optimizer: torch.optim.Optimizer, epoch_batches: Callable[[int], Iterable], steps: int,
+               step_loss: Callable[[Any, torch.Tensor], torch.Tensor], *, epochs: int, schedule: str,
+               device: torch.device) -> list[float]:
+    """The training loop both probes and the fine-tuning share: `epochs` passes over `epoch_batches(epoch)` (of
+    `steps` batches each), the learning rate of every parameter group set each step from its `base_lr` (no
+    warm-up, as MoCo's `main_lincls.py`). Returns the mean loss of each epoch."""
+    losses = []
+    for epoch in range(epochs):
+        total, count = torch.zeros((), device=device), 0
+        for i, (inputs, labels) in enumerate(epoch_batches(epoch)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * steps + i, total_steps=epochs * steps, warmup_steps=0,
+                                    peak_lr=group["base_lr"], schedule=schedule)
+            loss = step_loss(inputs, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            count += 1
+        losses.append(total.item() / max(1, count))  # sync point: once per epoch
+    return losses
+
+
 def _sgd(head: nn.Module, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-
-
-def _average_gradients(module: nn.Module) -> None:
-    # Each rank trains on its own shard: averaging gradients keeps the replicas identical (what DDP would do).
-    if not dist_utils.is_distributed():
-        return
-    world = dist_utils.get_world_size()
-    for p in module.parameters():
-        if p.grad is not None:
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= world
+    return torch.optim.SGD([{"params": list(head.parameters()), "base_lr": lr}], lr=lr, momentum=0.9,
+                           weight_decay=0.0)
 
 
 def train_on_features(features: torch.Tensor, labels: torch.Tensor, head: nn.Linear, *, epochs: int, lr: float,
@@ -87,54 +92,38 @@ def train_on_features(features: torch.Tensor, labels: torch.Tensor, head: nn.Lin
     Shape:
         features: (N, D) float; labels: (N,) long
     """
-    optimizer = _sgd(head, lr)
-    n = features.shape[0]
-    steps = max(1, math.ceil(n / batch_size))
-    losses = []
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator).to(features.device)
-        total = torch.zeros((), device=features.device)
-        for i in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = linear_lr(epoch + i / steps, epochs, lr, schedule)
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(head(features[idx]), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-        losses.append(total.item() / steps)  # sync point: once per epoch
-    return losses
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(features.shape[0], generator=generator).to(features.device)
+        return ((features[idx], labels[idx]) for idx in order.split(batch_size))
+
+    return sgd_epochs(_sgd(head, lr), epoch_batches, max(1, math.ceil(features.shape[0] / batch_size)),
+                      lambda x, y: F.cross_entropy(head(x), y), epochs=epochs, schedule=schedule,
+                      device=features.device)
 
 
-def train_on_images(backbone: nn.Module, head: nn.Linear, loader: Iterable, *, epochs: int, lr: float,
+def train_on_images(backbone: nn.Module, head: nn.Module, loader: Iterable, *, epochs: int, lr: float,
                     schedule: str, device: torch.device, dtype: torch.dtype | None = None) -> list[float]:
     """Train `head` on frozen-backbone features of augmented images; the loader yields this rank's shard.
 
-    `loader` may have `set_epoch(epoch)` (reshuffles and redraws the augmentation); the backbone stays in eval mode.
+    When distributed, `head` is DDP-wrapped by the caller (as for `semisup.finetune`): DDP averages its gradients
+    over the ranks' shards, which keeps the replicas identical. `loader` may have `set_epoch(epoch)` (reshuffles
+    and redraws the augmentation); the backbone stays in eval mode.
     """
-    optimizer = _sgd(head, lr)
-    steps = max(1, len(loader))  # type: ignore[arg-type]
-    losses = []
-    for epoch in range(epochs):
+
+    def epoch_batches(epoch: int) -> Iterable:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         backbone.eval()
-        total, count = torch.zeros((), device=device), 0
-        for i, (images, y) in enumerate(loader):
-            for group in optimizer.param_groups:
-                group["lr"] = linear_lr(epoch + i / steps, epochs, lr, schedule)
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                feats = backbone(images.to(device, non_blocking=True))
-            loss = F.cross_entropy(head(feats.float()), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _average_gradients(head)
-            optimizer.step()
-            total += loss.detach()
-            count += 1
-        losses.append(total.item() / max(1, count))  # sync point: once per epoch
-    return losses
+        return loader
+
+    def step_loss(images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            feats = backbone(images.to(device, non_blocking=True))
+        return F.cross_entropy(head(feats.float()), y.to(device))
+
+    return sgd_epochs(_sgd(head, lr), epoch_batches, max(1, len(loader)),  # type: ignore[arg-type]
+                      step_loss, epochs=epochs, schedule=schedule, device=device)
 
 
 @torch.no_grad()
@@ -146,26 +135,3 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, flo
     """
     acc = topk_accuracy(logits.float(), labels.to(logits.device), ks=(1, 5))
     return {"top1": acc[1], "top5": acc[5]}
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, device: torch.device, *, dtype: torch.dtype | None = None,
-            gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of `model` (eval mode) over the loader, gathered from every rank in rank order.
-
-    Shape:
-        returns logits (N, C) float32, labels (N,) long
-    """
-    was_training = model.training
-    model.eval()
-    logits, labels = [], []
-    for images, y in loader:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits.append(model(images.to(device, non_blocking=True)).float())
-        labels.append(y.to(device).long())
-    model.train(was_training)
-    out = torch.cat(logits) if logits else torch.empty(0, device=device)
-    lab = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device)
-    if gather and dist_utils.is_distributed():
-        out, lab = gather_variable(out), gather_variable(lab)
-    return out, lab

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixmask.errors import UserError
-from mixmask.evaluation.linear_probe import linear_lr
+from mixmask.evaluation.linear_probe import sgd_epochs
 
 
 def balanced_subset(labels: Sequence[int] | np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -77,23 +77,19 @@ def read_subset_file(path: str | Path, num_samples: int, names: Sequence[str | N
 
 
 class SubsetDataset(torch.utils.data.Dataset):
-    """The labelled subset of a `pipelines.sources.Source`: (image tensor, label) pairs, augmented per image.
+    """The labelled subset of a `pipelines.sources.Source` to fine-tune on: (image tensor, label) pairs, augmented
+    per image with random-resized-crop (scale 0.08-1) + horizontal flip, normalised with `mean` / `std`.
 
-    Training: random-resized-crop (scale 0.08-1) + horizontal flip; otherwise resize + centre crop (ratio 1.0 at
-    <= 64 px, 0.875 above, as the eval loaders). Normalised with `mean` / `std`.
+    Validation does not come through here: it uses the configured eval loader, whose centre crop every backend
+    shares (`pipelines.augment.EVAL_CROP_RATIO`).
     """
 
-    def __init__(self, source, indices: np.ndarray, *, resolution: int, train_aug: bool,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]):
+    def __init__(self, source, indices: np.ndarray, *, resolution: int, mean: tuple[float, float, float],
+                 std: tuple[float, float, float]):
         from torchvision import transforms as T
 
         self.source, self.indices = source, np.asarray(indices, dtype=np.int64)
-        if train_aug:
-            geometric = [T.RandomResizedCrop(resolution, scale=(0.08, 1.0), antialias=True),
-                         T.RandomHorizontalFlip()]
-        else:
-            ratio = 1.0 if resolution <= 64 else 0.875
-            geometric = [T.Resize(int(round(resolution / ratio)), antialias=True), T.CenterCrop(resolution)]
+        geometric = [T.RandomResizedCrop(resolution, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip()]
         self.transform = T.Compose([T.ToTensor(), *geometric, T.Normalize(mean, std)])
 
     def __len__(self) -> int:
@@ -130,24 +126,18 @@ def finetune(model: nn.Module, loader: Iterable, *, epochs: int, backbone_lr: fl
         (head if name.removeprefix("module.").startswith(head_prefix) else body).append(p)
     optimizer = torch.optim.SGD([{"params": body, "base_lr": backbone_lr}, {"params": head, "base_lr": head_lr}],
                                 lr=backbone_lr, momentum=0.9, weight_decay=0.0)
-    steps = max(1, len(loader))  # type: ignore[arg-type]
-    losses = []
-    for epoch in range(epochs):
+
+    def epoch_batches(epoch: int) -> Iterable:
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # type: ignore[union-attr]
         model.train()
-        total, count = torch.zeros((), device=device), 0
-        for i, (images, y) in enumerate(loader):
-            for group in optimizer.param_groups:
-                group["lr"] = linear_lr(epoch + i / steps, epochs, group["base_lr"], "cosine")
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(images.to(device, non_blocking=True))
-            loss = F.cross_entropy(logits.float(), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            count += 1
-        losses.append(total.item() / max(1, count))  # sync point: once per epoch
-    return losses
+        return loader
+
+    def step_loss(images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images.to(device, non_blocking=True))
+        return F.cross_entropy(logits.float(), y.to(device))
+
+    return sgd_epochs(optimizer, epoch_batches, max(1, len(loader)), step_loss,  # type: ignore[arg-type]
+                      epochs=epochs, schedule="cosine", device=device)

@@ -12,9 +12,9 @@ from typing import Any
 
 from mixmask.errors import UserError
 from mixmask.vocab import BRANCHES, ERASE_FILLS, MASK_KINDS, MASK_SHARES, METHOD_NAMES, PERMUTATIONS
+from pipelines.backends import BACKEND_NAMES as BACKENDS
 from pipelines.sources import SOURCES
 
-BACKENDS = ("ffcv", "dali", "torchvision")
 ORDER_CHOICES = ("auto", "random", "quasi_random")  # pipelines.loaders.order's (a test pins them equal)
 RECIPES = ("mocov1", "mocov2", "simclr", "byol")
 __all__ = ["BACKENDS", "BRANCHES", "MASK_KINDS", "MASK_SHARES", "METHOD_NAMES", "PERMUTATIONS", "Config", "derived",

@@ -27,14 +27,8 @@ import torch
 from mixmask.batches import TwoViewBatch
 from mixmask.errors import UserError, choice_error
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE_MAX, AugSpec, resolve
+from pipelines.backends import BACKENDS
 from pipelines.loaders.wds_shards import build_shard_loader, is_shard_path
-
-# backend name -> (module, two-view class, eval class or None)
-BACKENDS: dict[str, tuple[str, str, str | None]] = {
-    "ffcv": ("pipelines.loaders.ffcv_backend", "FFCVTwoViewLoader", "FFCVEvalLoader"),
-    "dali": ("pipelines.loaders.dali_backend", "DALITwoViewLoader", "DALIEvalLoader"),
-    "torchvision": ("pipelines.loaders.torchvision_backend", "TorchvisionTwoViewLoader", "TorchvisionEvalLoader"),
-}
 
 
 class TwoViewLoader(Protocol):
@@ -99,13 +93,12 @@ def fit_workers(workers: int) -> int:
     return min(workers, usable_cores())
 
 
-def _backend(backend: str, kind: int) -> Any:
+def _loader_class(backend: str, *, eval_loader: bool) -> Any:
+    """The two-view (or eval) loader class of `backend`, its module imported now."""
     if backend not in BACKENDS:
         raise choice_error("loader backend", backend, BACKENDS)
-    module_name, *classes = BACKENDS[backend]
-    if classes[kind] is None:
-        raise UserError(f"the {backend} backend has no eval loader; use ffcv or torchvision")
-    return getattr(importlib.import_module(module_name), classes[kind])
+    entry = BACKENDS[backend]
+    return getattr(importlib.import_module(entry.module), entry.eval_class if eval_loader else entry.two_view_class)
 
 
 def build_two_view_loader(backend: str, *, source: str, path: str | None, split: str = "train", resolution: int,
@@ -121,7 +114,8 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
     `order_window` samples shuffled together. dali / torchvision skip unreadable files and stop past
     `max_bad_fraction` of an epoch (`bad_files` lists them).
     """
-    cls = None if is_shard_path(path) else _backend(backend, 0)  # shards: the backend's shard reader
+    # Shards are read by the backend's shard reader (`build_shard_loader`).
+    cls = None if is_shard_path(path) else _loader_class(backend, eval_loader=False)
     if order != "random" and backend != "ffcv":
         raise UserError(f"order {order!r} reads .beton pages: it needs the ffcv backend, not {backend}")
     if batch_size_per_rank < 1:
@@ -132,7 +126,7 @@ def build_two_view_loader(backend: str, *, source: str, path: str | None, split:
                   dtype=dtype,
                   channels_last=channels_last, drop_last=drop_last, batches_ahead=batches_ahead)
     if is_shard_path(path):
-        loader = build_shard_loader(backend, 0, path, split, shuffle_buffer, shard_url, **common)
+        loader = build_shard_loader(backend, path, split, shuffle_buffer, shard_url, eval_loader=False, **common)
     elif backend == "ffcv":
         loader = cls(path, os_cache=os_cache, order=order, order_window=order_window, **common)
     else:
@@ -156,14 +150,14 @@ def build_eval_loader(backend: str, *, source: str, path: str | None, split: str
     `num_samples` (the split's size) and `rank_layout` (`strided`, or `contiguous` for webdataset shards) let
     `mixmask.evaluation.features.unshard` drop the duplicates after a gather.
     """
-    cls = None if is_shard_path(path) else _backend(backend, 1)
+    cls = None if is_shard_path(path) else _loader_class(backend, eval_loader=True)
     common = dict(resolution=resolution, batch_size_per_rank=batch_size_per_rank, train_aug=train_aug, rank=rank,
                   world_size=world_size, workers=fit_workers(workers), device=torch.device(device), seed=seed,
                   mean=mean,
                   std=std, dtype=dtype, channels_last=channels_last, batches_ahead=batches_ahead,
                   small=resolution <= SMALL_IMAGE_MAX)
     if is_shard_path(path):
-        return build_shard_loader(backend, 1, path, split, shuffle_buffer, shard_url, **common)
+        return build_shard_loader(backend, path, split, shuffle_buffer, shard_url, eval_loader=True, **common)
     if backend == "ffcv":
         return cls(path, os_cache=os_cache, **common)
     return cls(open_split(source, path, split, synthetic), max_bad_fraction=max_bad_fraction, **common)

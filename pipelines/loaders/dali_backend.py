@@ -34,7 +34,7 @@ from nvidia.dali.tensors import TensorListGPU
 
 from mixmask.batches import TwoViewBatch
 from mixmask.errors import UserError
-from pipelines.augment import AugSpec
+from pipelines.augment import EVAL_CROP_RATIO, AugSpec
 from pipelines.loaders import SplitImages
 from pipelines.loaders.bad_files import BadFileTally, encoded_bytes, first_readable
 from pipelines.loaders.sharding import batch_seed, check_rank, epoch_order, steps_per_epoch
@@ -289,7 +289,7 @@ class DALIEvalLoader(_DALIBase):
             x = fn.random_resized_crop(images, size=[res, res])
             mirror = fn.random.coin_flip()
         else:
-            x = fn.resize(images, resize_shorter=res if self.small else round(res / 0.875))
+            x = fn.resize(images, resize_shorter=res if self.small else round(res / EVAL_CROP_RATIO))
             mirror = 0
         x = fn.crop_mirror_normalize(x, crop=[res, res], mirror=mirror, dtype=types.FLOAT, output_layout="HWC",
                                      mean=[255.0 * m for m in self.mean], std=[255.0 * s for s in self.std])

@@ -45,7 +45,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from mixmask.batches import TwoViewBatch
 from mixmask.errors import UserError
-from pipelines.augment import AugSpec
+from pipelines.augment import EVAL_CROP_RATIO, AugSpec
 from pipelines.loaders.order import ORDERS, quasi_random_order, sample_pages, start_at_batch
 from pipelines.loaders.sharding import batch_seed, check_rank, epoch_order
 from pipelines.photometric import Photometric, to_float_nchw
@@ -301,7 +301,7 @@ class FFCVEvalLoader:
         if train_aug:
             ops = [RandomResizedCropRGBImageDecoder(size), RandomHorizontalFlip()]
         else:
-            ops = [CenterCropRGBImageDecoder(size, ratio=1.0 if small else 0.875)]
+            ops = [CenterCropRGBImageDecoder(size, ratio=1.0 if small else EVAL_CROP_RATIO)]
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.loader = Loader(

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from mixmask.batches import TwoViewBatch
-from pipelines.augment import AugSpec
+from pipelines.augment import EVAL_CROP_RATIO, AugSpec
 from pipelines.loaders import SplitImages
 from pipelines.loaders.bad_files import BadFileTally, first_readable
 from pipelines.loaders.order import start_at_batch
@@ -175,8 +175,17 @@ class TorchvisionTwoViewLoader:
                                labels.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
 
 
+def eval_ops(resolution: int, *, train_aug: bool, small: bool) -> list:
+    """The geometric transforms of an eval image: RRC + flip to train a probe, else resize the short side to
+    `resolution / EVAL_CROP_RATIO` and centre-crop; small images (CIFAR, Tiny-ImageNet) keep the whole image."""
+    if train_aug:
+        return [T.RandomResizedCrop(resolution), T.RandomHorizontalFlip()]
+    ratio = 1.0 if small else EVAL_CROP_RATIO
+    return [T.Resize(round(resolution / ratio)), T.CenterCrop(resolution)]
+
+
 class TorchvisionEvalLoader:
-    """Single-view (images, labels): RRC + flip for linear probing, else resize (res / 0.875) + centre crop."""
+    """Single-view (images, labels): RRC + flip for linear probing, else resize + centre crop (`eval_ops`)."""
 
     def __init__(self, split: SplitImages, *, resolution: int, batch_size_per_rank: int, train_aug: bool, rank: int,
                  world_size: int, workers: int, device: torch.device, seed: int = 0,
@@ -184,13 +193,8 @@ class TorchvisionEvalLoader:
                  channels_last: bool, batches_ahead: int = 2, small: bool, max_bad_fraction: float = 0.01) -> None:
         check_rank(rank, world_size)
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
-        if train_aug:
-            ops = [T.RandomResizedCrop(resolution), T.RandomHorizontalFlip()]
-        elif small:  # CIFAR / Tiny-ImageNet eval: the stored image is the input, no resize
-            ops = [T.Resize(resolution), T.CenterCrop(resolution)]
-        else:
-            ops = [T.Resize(int(round(resolution / 0.875))), T.CenterCrop(resolution)]
-        transform = T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
+        transform = T.Compose([*eval_ops(resolution, train_aug=train_aug, small=small), T.ToTensor(),
+                               T.Normalize(mean, std)])
         self.steps = steps_per_epoch(len(split), world_size, batch_size_per_rank, drop_last=False)
         self.num_samples = len(split)  # the split's size: the gathered epoch beyond it is padding
         self.rank_layout = "strided"  # rank r reads positions r, r + W, ... (`pipelines.loaders.sharding`)

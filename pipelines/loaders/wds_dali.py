@@ -10,6 +10,14 @@ one). Labels come from the `.cls` members and dataset indices from the sample ke
 host. Samples without an image or a label are skipped (`missing_component_behavior="skip"` and the filtered index
 of `wds_shards`, counted in `num_missing`); an image that does not decode makes DALI fail its whole batch, which is
 dropped and counted in `skipped_batches`.
+
+Resume without replay: the pipeline runs with DALI checkpointing on, and where an epoch was left
+(`position_state()`: DALI's checkpoint after the batches handed out, its prefetch queue accounted for) restores into
+the next epoch's pipeline (`set_epoch(epoch, start_batch, state)`). The reader comes back at its position: its
+shuffle buffer is refilled from the tars (raw bytes: DALI reads only the samples still in the buffer) and its
+random state restored, as are the augmentation operators' random states, so batches start..end are those of an
+uninterrupted epoch, pixels included, and nothing before `start_batch` is decoded. Only a resume without a recorded
+position (a checkpoint from another world size or from before recording) reads past the trained batches again.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from pipelines.loaders.wds_shards import ShardSet, dali_index_paths, epoch_shard
 
 IMAGE_EXT = "jpg;png;jpeg"
 MAX_FAILED_BATCHES_IN_A_ROW = 8
+READER_TAG = "wds-dali"  # marks the DALI checkpoints of this reader in `position_state()`
 
 
 def _parse_labels(out) -> np.ndarray:
@@ -50,6 +59,14 @@ class _ShardEpochs:
     split: ShardSet
     shuffle_buffer: int
     skipped_batches: int = 0  # batches dropped because an image in them did not decode
+    decoded_samples: int = 0  # samples of the batches the pipeline ran (its prefetch queue may hold more)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict | None = None) -> None:
+        """The next iteration yields `epoch` from batch `start_batch` on; `state` from `position_state()` resumes
+        the reader and the random draws where that epoch was left (see the module docstring)."""
+        if state is not None and state.get("reader") != READER_TAG:
+            state = None  # another reader's position (the run's data changed): read past the trained batches
+        super().set_epoch(epoch, start_batch, state)
 
     def _run_epoch(self, build_outputs) -> Iterator[list[torch.Tensor]]:
         shards = self.split
@@ -58,10 +75,11 @@ class _ShardEpochs:
         index_paths = dali_index_paths(shards, folder.name if folder else "")
         buffer = min(self.shuffle_buffer, samples_per_rank(len(shards), self.world_size))
         on_gpu = self.device.type == "cuda"
+        restore = self._restore
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.workers,
                         device_id=(self.device.index or 0) if on_gpu else None,
                         seed=batch_seed(self.seed, self.epoch, self.rank) % (2**31),
-                        prefetch_queue_depth=self.batches_ahead)
+                        prefetch_queue_depth=self.batches_ahead, enable_checkpointing=True, checkpoint=restore)
         with pipe:
             encoded, cls = fn.readers.webdataset(
                 paths=[shards.urls[k] for k in order], index_paths=[index_paths[k] for k in order],
@@ -72,12 +90,13 @@ class _ShardEpochs:
             images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
             pipe.set_outputs(*build_outputs(images, cls, info))
         pipe.build()
-        # A resumed epoch reads past the batches already trained: the reader's shuffle buffer has no position to
-        # restore into a new pipeline, so these batches are decoded again (the other backends start at the batch).
-        skip = self.start_batch
+        # Restored, the pipeline continues at the batch it was left at; without a recorded position the epoch is
+        # read from its start and the trained batches dropped (the shuffle buffer's position is DALI's alone).
+        done, failed = (self.start_batch if restore else 0), False
         try:
-            done, failures = 0, 0
+            failures = 0
             while done < self.steps:
+                self.decoded_samples += self.batch_size
                 try:
                     *outputs, cls_out, info_out = pipe.run()
                 except RuntimeError as err:
@@ -93,12 +112,19 @@ class _ShardEpochs:
                     continue
                 failures = 0
                 done += 1
-                if done <= skip:
-                    continue
+                if done <= self.start_batch:
+                    continue  # no recorded position: a trained batch read again
                 labels = torch.from_numpy(_parse_labels(cls_out)).to(self.device, non_blocking=True)
                 rows = torch.from_numpy(_parse_rows(info_out)).to(self.device, non_blocking=True)
                 yield [*(_to_torch(out, self.device) for out in outputs), labels, rows]
+        except Exception:
+            failed = True  # an epoch that failed has no position to resume from
+            raise
         finally:
+            # DALI's checkpoint after the batches handed out (its prefetch queue accounted for), tagged with this
+            # reader so that a folder pipeline's checkpoint is never restored into a shard pipeline.
+            self._position = None if failed else {"epoch": self.epoch, "batch": done, "reader": READER_TAG,
+                                                  "dali": pipe.checkpoint()}
             del pipe
             if folder is not None:
                 folder.cleanup()

@@ -210,9 +210,9 @@ SHARD_BACKENDS = {
 }
 
 
-def build_shard_loader(backend: str, kind: int, path: str | os.PathLike, split: str, shuffle_buffer: int,
-                       tar_url: str = "", **common):
-    """The two-view (kind 0) or eval (kind 1) loader of `backend` over the shards `path` names for `split`."""
+def build_shard_loader(backend: str, path: str | os.PathLike, split: str, shuffle_buffer: int, tar_url: str = "",
+                       *, eval_loader: bool, **common):
+    """The two-view loader (or with `eval_loader` the single-view one) of `backend` over the shards of `split`."""
     import importlib
 
     if backend not in SHARD_BACKENDS:
@@ -223,6 +223,6 @@ def build_shard_loader(backend: str, kind: int, path: str | os.PathLike, split: 
                         "reader (torchvision) reads local shards")
     if shuffle_buffer < 0:
         raise UserError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
-    module, *classes = SHARD_BACKENDS[backend]
-    cls = getattr(importlib.import_module(module), classes[kind])
+    module, two_view, single_view = SHARD_BACKENDS[backend]
+    cls = getattr(importlib.import_module(module), single_view if eval_loader else two_view)
     return cls(open_shards(path, split, tar_url), shuffle_buffer=shuffle_buffer, **common)
