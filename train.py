@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mixmask.core.schedule import lr_at
 from mixmask.errors import cli_entry
 from mixmask.run import checkpoint as ckpt_io
 from mixmask.run import launch, rundir
@@ -36,7 +37,7 @@ from mixmask.run.build import (
 from mixmask.run.config import Config, derived
 from mixmask.run.config_cli import add_config_arguments, config_from_args, to_yaml
 from mixmask.run.metrics import MetricsWriter, drop_records_after
-from mixmask.run.optim import build_optimizer, lr_at, set_lr
+from mixmask.run.optim import build_optimizer, set_lr
 from mixmask.run.progress import ProgressView
 from mixmask.run.provenance import provenance
 from mixmask.run.step import TrainModel, autocast_dtype, enable_fast_kernels, prepare_model, train_step

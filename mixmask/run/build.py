@@ -52,7 +52,10 @@ def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_p
         order_window=cfg.data.order_window, **common)
     if cfg.run.knn_every == 0 or (data.val is None and not data.synthetic_val):
         return train, None
-    eval_batch = max(1, min(256, cfg.eval.batch_size // run.world_size))
+    from mixmask.evaluation.features import eval_batch_per_rank
+
+    # At most 256 images per rank: the monitor runs beside the training step's memory.
+    eval_batch = min(256, eval_batch_per_rank(cfg.eval.batch_size, run.world_size))
     bank = build_eval_loader(cfg.data.backend, path=data.train, split="train", batch_size_per_rank=eval_batch,
                              train_aug=False, synthetic=data.synthetic_train or None, **common)
     query = build_eval_loader(cfg.data.backend, path=data.val, split="val", batch_size_per_rank=eval_batch,
