@@ -15,11 +15,12 @@ from mixmask.core.methods import METHOD_NAMES, METHODS, MethodParams, RunShape
 from mixmask.errors import UserError
 from mixmask.fields import check_settings, setting
 from mixmask.vocab import BRANCHES, ERASE_FILLS, MASK_KINDS, MASK_SHARES, PERMUTATIONS
+from pipelines.augment import RECIPES as _RECIPE_BUILDERS
 from pipelines.backends import BACKEND_NAMES as BACKENDS
 from pipelines.sources import SOURCES
 
 ORDER_CHOICES = ("auto", "random", "quasi_random")  # pipelines.loaders.order's (a test pins them equal)
-RECIPES = ("mocov1", "mocov2", "simclr", "byol")
+RECIPES = tuple(_RECIPE_BUILDERS)  # the augmentation recipes pipelines.augment defines
 __all__ = ["BACKENDS", "BRANCHES", "MASK_KINDS", "MASK_SHARES", "METHOD_NAMES", "PERMUTATIONS", "Config", "derived",
            "method_shape", "upgrade_saved_config", "validate"]
 
