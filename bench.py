@@ -21,6 +21,7 @@ from mixmask.errors import UserError, cli_entry
 from mixmask.run.config_cli import add_config_arguments, config_from_args, to_dict
 from mixmask.run.launch import pick_device
 from mixmask.run.provenance import provenance
+from mixmask.run.step import PRECISIONS, autocast_dtype, enable_fast_kernels, prepare_model, train_step
 
 
 def _ints(text: str) -> list[int]:
@@ -82,13 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp32")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp32: as run.precision")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the method (backend: inductor unless named); first step's time is compile_s")
 
     p = sub.add_parser("e2e", help="loader + operator + train step of a preset: images/s and data-wait share")
     common(p)
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="the torch.compile backend when the config says run.compile=true (as train.py: inductor)")
     add_config_arguments(p)
     return parser
 
@@ -135,7 +138,8 @@ def _folder_beton(source: str, root: str) -> Path:
 
 
 def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
-    """Loader → operator → step of a config, timed over `--steps` steps per repeat, with the data-wait share."""
+    """Loader → operator → train.py's `train_step` of a config (run.compile, run.precision and run.channels_last
+    included), timed over `--steps` steps per repeat, with the data-wait share."""
     from mixmask.benchmarking.protocol import Measurement
     from mixmask.run.build import build_loaders, build_method_from_config, build_operator
     from mixmask.run.config import derived
@@ -146,16 +150,17 @@ def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict],
     cfg = config_from_args(args)
     cfg.run.device, cfg.run.knn_every = str(device), 0
     run = Launch(rank=0, local_rank=0, world_size=1, device=device)
-    use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+    autocast = autocast_dtype(cfg.run.precision, device)
     data = prepare_data(cfg.data, is_main=True, barrier=lambda: None, log=lambda s: None)
-    comp = derived(cfg, 1)
-    loader, _ = build_loaders(cfg, data, run, comp["batch_size_per_rank"], use_bf16)
-    method = build_method_from_config(cfg).to(device).to(memory_format=torch.channels_last)
+    computed = derived(cfg, 1)
+    loader, _ = build_loaders(cfg, data, run, computed["batch_size_per_rank"], autocast)
+    model = prepare_model(build_method_from_config(cfg), device, channels_last=cfg.run.channels_last,
+                          compile_backend=args.compile_backend if cfg.run.compile else None)
     operator = build_operator(cfg)
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
-    opt = build_optimizer(cfg.optim.name, method, lr=comp["lr"], weight_decay=cfg.optim.weight_decay,
-                          decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
+    optimizer = build_optimizer(cfg.optim.name, model.method, lr=computed["lr"], weight_decay=cfg.optim.weight_decay,
+                                momentum=cfg.optim.momentum, decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
 
     def batches():
         epoch = 0
@@ -173,12 +178,7 @@ def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict],
             batch = next(stream)
             wait += time.perf_counter() - tw
             mixed = operator(batch.view1, gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = method(batch.view1, batch.view2, mixed)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            method.after_step(0.5)
+            train_step(model, optimizer, batch.view1, batch.view2, mixed, autocast=autocast, progress=0.5)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0, wait
@@ -188,10 +188,59 @@ def run_e2e(args: argparse.Namespace, device: torch.device) -> tuple[list[dict],
     samples = [run_steps(args.steps) for _ in range(args.repeats)]
     times = sorted(t for t, _ in samples)
     m = Measurement(name=f"e2e {cfg.data.backend} {cfg.method.name}/{cfg.method.branch}",
-                    items_per_call=args.steps * comp["global_batch"], median_s=times[len(times) // 2],
+                    items_per_call=args.steps * computed["global_batch"], median_s=times[len(times) // 2],
                     min_s=times[0], max_s=times[-1], repeats=args.repeats)
     wait_share = sum(w for _, w in samples) / sum(t for t, _ in samples)
-    return [m.row(data_wait=wait_share, backend=cfg.data.backend, preset=cfg.preset)], to_dict(cfg)
+    row = m.row(data_wait=wait_share, backend=cfg.data.backend, preset=cfg.preset, compiled=cfg.run.compile,
+                channels_last=cfg.run.channels_last, precision="bf16" if autocast else "fp32")
+    return [row], to_dict(cfg)
+
+
+def run_loader_mode(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Every backend's two-view loader on the same images (and wds shards), each row's ratio to torchvision."""
+    from mixmask.benchmarking.loader import run_loader_bench
+
+    rows: list[dict] = []
+    if args.make_photos:
+        from mixmask.benchmarking.photos import make_photo_folder
+
+        if args.source not in ("imagefolder", "wds") or not args.data:
+            raise UserError("--make-photos needs --source imagefolder and --data DIR")
+        make_photo_folder(args.data, args.make_photos)
+    if args.source not in ("synthetic", "wds") and not args.data:
+        raise UserError(f"--source {args.source} needs --data (a dataset root; ffcv also --data-beton)")
+    synthetic = None
+    if args.source in ("synthetic", "wds") and not args.data:
+        synthetic = dict(num_images=args.num_images, num_classes=10, resolution=args.resolution, seed=0)
+    if args.source == "wds":
+        from mixmask.benchmarking.loader_wds import wds_runs
+
+        for r in wds_runs(args.backend, data=args.data, data_beton=args.data_beton, synthetic=synthetic,
+                          shard_samples=args.shard_samples,
+                          beton_of=lambda src, x: _synthetic_beton(x) if src == "synthetic" else _folder_beton(
+                              src, x)):
+            rows += run_loader_bench(r.backend, source=r.source, path=r.path, resolution=args.resolution,
+                                     batch_size=args.batch_size, workers=args.workers, recipe=args.recipe,
+                                     device=device, warmup_batches=args.warmup, batches=args.batches,
+                                     repeats=args.repeats, synthetic=r.synthetic, storage=r.storage,
+                                     shuffle_buffer=args.shuffle_buffer)
+    for backend in args.backend if args.source != "wds" else []:
+        path = args.data_beton if backend == "ffcv" and args.data_beton else args.data
+        if backend == "ffcv" and synthetic is not None and path is None:
+            path = str(_synthetic_beton(synthetic))
+        elif backend == "ffcv" and not args.data_beton:
+            path = str(_folder_beton(args.source, args.data))
+        for order in args.ffcv_orders if backend == "ffcv" else ["random"]:
+            rows += run_loader_bench(backend, source=args.source, path=path, resolution=args.resolution,
+                                     batch_size=args.batch_size, workers=args.workers, recipe=args.recipe,
+                                     device=device, warmup_batches=args.warmup, batches=args.batches,
+                                     repeats=args.repeats, synthetic=synthetic, order=order,
+                                     os_cache=args.os_cache, order_window=args.order_window)
+    ref = next((r["images_per_s"] for r in rows if r.get("backend") == "torchvision"), None)
+    if ref:
+        for r in rows:
+            r["ratio_vs_torchvision"] = r["images_per_s"] / ref
+    return rows
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -226,6 +275,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise choice_error("architecture (--arch)", args.arch, ("resnet18", "resnet50"))
         at_least("--resolution", args.resolution, 8)
         at_least("--batch-size", args.batch_size, 2)
+        if args.dtype not in PRECISIONS:
+            raise choice_error("dtype (--dtype)", args.dtype, PRECISIONS)
     if args.mode == "loader":
         for name in args.backend:
             if name not in BACKENDS:
@@ -259,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mode in ("step", "e2e"):
+        enable_fast_kernels(device)  # as train.py: cuDNN autotuning and TF32 on CUDA
     console = Console(width=None if sys.stdout.isatty() else 160)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
     if args.mode == "masks":
@@ -269,56 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.mode == "step":
         from mixmask.benchmarking.step import run_step_bench
 
-        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-                 "fp32": torch.float32}.get(args.dtype)
-        if dtype is None:
-            raise UserError(f"--dtype {args.dtype!r} is not valid; valid: auto, bf16, fp32")
+        dtype = autocast_dtype(args.dtype, device) or torch.float32
         rows = run_step_bench(args.methods, args.branches, arch=args.arch, cifar_stem=args.cifar_stem,
                               resolution=args.resolution, batch_size=args.batch_size, device=device, dtype=dtype,
                               warmup=args.warmup, repeats=args.repeats, compile_backend=args.compile)
     elif args.mode == "loader":
-        from mixmask.benchmarking.loader import run_loader_bench
-
-        rows = []
-        if args.make_photos:
-            from mixmask.benchmarking.photos import make_photo_folder
-
-            if args.source not in ("imagefolder", "wds") or not args.data:
-                raise UserError("--make-photos needs --source imagefolder and --data DIR")
-            make_photo_folder(args.data, args.make_photos)
-        if args.source not in ("synthetic", "wds") and not args.data:
-            raise UserError(f"--source {args.source} needs --data (a dataset root; ffcv also --data-beton)")
-        synthetic = None
-        if args.source in ("synthetic", "wds") and not args.data:
-            synthetic = dict(num_images=args.num_images, num_classes=10, resolution=args.resolution, seed=0)
-        if args.source == "wds":
-            from mixmask.benchmarking.loader_wds import wds_runs
-
-            for r in wds_runs(args.backend, data=args.data, data_beton=args.data_beton, synthetic=synthetic,
-                              shard_samples=args.shard_samples,
-                              beton_of=lambda src, x: _synthetic_beton(x) if src == "synthetic" else _folder_beton(
-                                  src, x)):
-                rows += run_loader_bench(r.backend, source=r.source, path=r.path, resolution=args.resolution,
-                                         batch_size=args.batch_size, workers=args.workers, recipe=args.recipe,
-                                         device=device, warmup_batches=args.warmup, batches=args.batches,
-                                         repeats=args.repeats, synthetic=r.synthetic, storage=r.storage,
-                                         shuffle_buffer=args.shuffle_buffer)
-        for backend in args.backend if args.source != "wds" else []:
-            path = args.data_beton if backend == "ffcv" and args.data_beton else args.data
-            if backend == "ffcv" and synthetic is not None and path is None:
-                path = str(_synthetic_beton(synthetic))
-            elif backend == "ffcv" and not args.data_beton:
-                path = str(_folder_beton(args.source, args.data))
-            for order in args.ffcv_orders if backend == "ffcv" else ["random"]:
-                rows += run_loader_bench(backend, source=args.source, path=path, resolution=args.resolution,
-                                         batch_size=args.batch_size, workers=args.workers, recipe=args.recipe,
-                                         device=device, warmup_batches=args.warmup, batches=args.batches,
-                                         repeats=args.repeats, synthetic=synthetic, order=order,
-                                         os_cache=args.os_cache, order_window=args.order_window)
-        ref = next((r["images_per_s"] for r in rows if r.get("backend") == "torchvision"), None)
-        if ref:
-            for r in rows:
-                r["ratio_vs_torchvision"] = r["images_per_s"] / ref
+        rows = run_loader_mode(args, device)
     else:
         rows, cfg_dict = run_e2e(args, device)
         settings["config"] = cfg_dict

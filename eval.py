@@ -53,6 +53,7 @@ from mixmask.run.checkpoint import load_checkpoint
 from mixmask.run.config import Config
 from mixmask.run.config_cli import from_dict, resolve, to_dict
 from mixmask.run.provenance import provenance
+from mixmask.run.step import autocast_dtype
 from pipelines.prepare import DataPaths, prepare_data, synthetic_kwargs
 
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     log: Callable[[str], None] = (lambda m: console.print(m, highlight=False)) if run.is_main else (lambda m: None)
     try:
         torch.manual_seed(cfg.run.seed)
-        use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and run.device.type == "cuda")
+        autocast = autocast_dtype(cfg.run.precision, run.device)
         data = prepare_data(cfg.data, is_main=run.is_main, barrier=launch.barrier, log=log)
         if data.val is None and cfg.data.source != "synthetic":
             raise UserError("no held-out split found: set data.val_path (a .beton for ffcv, a dataset root otherwise)")
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone = backbone.to(run.device)
         if cfg.run.channels_last:  # the loaders hand over channels_last batches
             backbone = backbone.to(memory_format=torch.channels_last)
-        ctx = Context(cfg, run, backbone, feature_dim, data, torch.bfloat16 if use_bf16 else None, args, log)
+        ctx = Context(cfg, run, backbone, feature_dim, data, autocast, args, log)
         t0 = time.perf_counter()
         results, extra = {"knn": knn, "linear": linear, "semisup": semisup}[args.command](ctx)
         seconds = time.perf_counter() - t0

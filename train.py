@@ -1,38 +1,52 @@
 """MixMask self-supervised training: `python train.py --preset NAME [--config FILE] [key=value ...]`.
 
 Single process with `python train.py`; data-parallel with `torchrun --nproc_per_node N train.py ...` (env://,
-NCCL on GPU, gloo on CPU). Reads top to bottom: config → launch → data → method → optimizer → resume → loop.
+NCCL on GPU, gloo on CPU). Reads top to bottom: config → launch → `train`'s stages: setup (run dir, lock, resume
+check) → build (data, loaders, method, operator, optimizer) → resume → epochs of `train_step` → finish.
 Rank 0 alone writes files and draws the progress view; every rank runs the same number of steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
+import functools
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from mixmask.errors import UserError, cli_entry
+from mixmask.core.schedule import lr_at
+from mixmask.errors import cli_entry
 from mixmask.run import checkpoint as ckpt_io
 from mixmask.run import launch, rundir
 from mixmask.run.build import (
+    KnnLoaders,
     build_loaders,
     build_method_from_config,
     build_operator,
     knn_monitor,
     write_run_artifacts,
 )
-from mixmask.run.config import Config, derived
+from mixmask.run.config import Config, derived, method_shape
 from mixmask.run.config_cli import add_config_arguments, config_from_args, to_yaml
 from mixmask.run.metrics import MetricsWriter, drop_records_after
-from mixmask.run.optim import build_optimizer, lr_at, set_lr
+from mixmask.run.optim import build_optimizer, set_lr
 from mixmask.run.progress import ProgressView
 from mixmask.run.provenance import provenance
+from mixmask.run.step import TrainModel, autocast_dtype, enable_fast_kernels, prepare_model, train_step
 from pipelines.prepare import prepare_data
+
+if TYPE_CHECKING:
+    from mixmask.batches import TwoViewBatch
+    from mixmask.core.operator import MixingOperator
+    from pipelines.loaders import TwoViewLoader
 
 
 class StopRequest:
@@ -76,214 +90,305 @@ def main(argv: list[str] | None = None) -> int:
         launch.shutdown()
 
 
-def train(cfg: Config, run: launch.Launch) -> int:
-    torch.manual_seed(cfg.run.seed + run.rank)
-    device = run.device
-    run_dir = Path(cfg.run.out_dir or f"runs/{cfg.preset or 'custom'}")
-    ckpt_dir = run_dir / "checkpoints"
-    use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    view = ProgressView(0, is_main=run.is_main, show_steps=False)
-    # One run per directory; a resume must continue the stored run (same model, data and schedule).
-    def prepare_run_dir() -> None:  # a folder that cannot be written: one line now, on every rank
-        launch.check_writable_dir(run_dir, "run.out_dir")
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+class Outcome(enum.Enum):
+    """Why training stopped (an epoch that ends or reaches run.max_steps returns DONE)."""
 
-    _run_lock = rundir.lock_run_dir(run_dir, pid=os.getpid(), is_main=run.is_main, distributed=run.distributed,
-                                    prepare=prepare_run_dir)
-    rundir.refuse_fresh_start_over(ckpt_dir, cfg.run.resume)
-    resume_path = ckpt_io.find_resume(cfg.run.resume, ckpt_dir)
-    resume_notes: list[str] = []
-    if resume_path is not None:  # checked before any work; the weights are restored once the method exists
-        stored = ckpt_io.load_checkpoint(resume_path, map_location="cpu")["config"]
-        resume_notes = rundir.check_resume_config(stored, _config_dict(cfg), checkpoint=resume_path,
-                                                  allow_change=cfg.run.allow_config_change)
-    if note := launch.worker_note(cfg.data.workers):
-        view.message(note)
+    DONE = "done"  # all epochs, or run.max_steps: the run's outputs are written, exit 0
+    SIGNAL = "signal"  # SIGTERM / SIGUSR1: a checkpoint is saved, exit 0, the same command resumes
+    NONFINITE = "nonfinite"  # the loss became inf / NaN: exit 3, the last good checkpoint is kept
 
-    # ---- data: the synthetic default is converted on first use (rank 0), then every rank opens its shard
-    data = prepare_data(cfg.data, is_main=run.is_main, barrier=launch.barrier, log=view.message)
-    comp = derived(cfg, run.world_size)
-    train_loader, knn_loaders = build_loaders(cfg, data, run, comp["batch_size_per_rank"], use_bf16)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than the training set: no full batch")
-    comp = derived(cfg, run.world_size, steps_per_epoch)
-    total_steps = comp["total_steps"]
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
 
-    # ---- method, operator, optimizer
-    method = build_method_from_config(cfg, data.num_classes, world_size=run.world_size).to(device)
-    if cfg.method.bn_splits > 1 and run.distributed:
-        view.message(f"method.bn_splits={cfg.method.bn_splits} is for one process; with {run.world_size} processes "
-                     "each rank's BatchNorm is a split and shuffle-BN applies")
-    if cfg.method.sync_bn and run.distributed:
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    if cfg.run.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    operator = build_operator(cfg)
-    mask_gen = torch.Generator(device=device)
-    mask_gen.manual_seed(cfg.run.seed * 1000 + run.rank)
-    optimizer = build_optimizer(cfg.optim.name, method, lr=comp["lr"], weight_decay=cfg.optim.weight_decay,
-                                momentum=cfg.optim.momentum, decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
+@dataclass
+class Position:
+    """Where the run is: `step_in_epoch` batches into `epoch` (after a resume: where that epoch starts)."""
 
-    # ---- resume (weights, queue, optimizer, schedule position, RNG states)
-    epoch, step, skip_batches, loader_state = 0, 0, 0, None
-    if resume_path is not None:
-        epoch, step, skip_batches, loader_state = ckpt_io.resume_from(
-            resume_path, method=method, optimizer=optimizer, mask_generator=mask_gen, rank=run.rank,
-            world_size=run.world_size, model=f"{cfg.method.name}/{cfg.method.branch} {cfg.method.arch}")
-        if epoch >= cfg.run.epochs:
-            view.message(f"{resume_path} has finished all {cfg.run.epochs} epochs: nothing to train, writing the "
-                         "outputs again (raise run.epochs to train on)")
-        else:
-            view.message(f"resumed from {resume_path} at epoch {epoch + 1}, step {step}")
-        for note in resume_notes:
-            view.message(note)
-    if run.is_main:
-        # Records a killed run wrote past its checkpoint are logged again from here: keep one history.
-        dropped = drop_records_after(run_dir / "metrics.jsonl", step)
-        if dropped:
-            view.message(f"metrics.jsonl: dropped {dropped} records past step {step} (logged after the checkpoint; "
-                         "they are logged again from here)")
-        (run_dir / "config.yaml").write_text(to_yaml(cfg, {"computed": comp, "provenance": provenance()}))
+    epoch: int = 0
+    step: int = 0
+    step_in_epoch: int = 0
+    loader_state: dict | None = None  # the loader's own position (DALI's random state) for a mid-epoch resume
 
-    # ---- compile before DDP (nanoGPT order); keep `method` as the plain module that gets saved
-    model: torch.nn.Module = method
-    if cfg.run.compile:
-        model = torch.compile(model)
-    if run.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
-    metrics = MetricsWriter(run_dir, tensorboard=cfg.run.tensorboard, enabled=run.is_main)
-    view.close()
-    view = ProgressView(comp["stop_step"], is_main=run.is_main, show_steps=cfg.run.progress, start_step=step)
-    view.message(f"run dir {run_dir} · {cfg.method.name}/{cfg.method.branch} · {run.world_size} x {device} · "
-                 f"global batch {comp['global_batch']} · {steps_per_epoch} steps/epoch · lr {comp['lr']:.4g}")
-    stop = StopRequest()
+@dataclass
+class LogWindow:
+    """The steps since the last log line: wall time, time spent waiting for the loader, and on-device loss sums."""
 
-    def save(tag_epoch: int, step_in_epoch: int, *, periodic: bool) -> None:
-        mine = (ckpt_io.rng_state(mask_gen), train_loader.position_state() if step_in_epoch else None)
-        gathered: list = [mine]
-        if run.distributed:  # every rank's RNG and loader position, so a resumed rank continues its own streams
-            gathered = [None] * run.world_size
-            torch.distributed.all_gather_object(gathered, mine)
-        if not run.is_main:
-            return
-        state = {"version": ckpt_io.CHECKPOINT_VERSION, "method": method.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scaler": None, "epoch": tag_epoch, "step": step,
-                 "step_in_epoch": step_in_epoch, "rng": [g[0] for g in gathered],
-                 "loader": [g[1] for g in gathered], "config": _config_dict(cfg), "computed": comp,
-                 "provenance": provenance()}
-        ckpt_io.save_atomic(state, ckpt_dir / "last.pt")
-        if periodic:
-            ckpt_io.save_atomic(state, ckpt_dir / f"epoch_{tag_epoch:04d}.pt")
-            ckpt_io.prune_periodic(ckpt_dir, cfg.run.keep_ckpts)
+    t0: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    steps: int = 0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    nonfinite: torch.Tensor | None = None
 
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    exit_code, reason = 0, "done"
-    while epoch < cfg.run.epochs and (not cfg.run.max_steps or step < cfg.run.max_steps):
-        # Resuming mid-epoch starts the epoch at the next batch: nothing already trained on is read again.
-        train_loader.set_epoch(epoch, start_batch=skip_batches, state=loader_state)
-        model.train()
-        window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
-        sums: dict[str, torch.Tensor] = {}
-        batches = iter(train_loader)
-        step_in_epoch = skip_batches
+    def timed(self, batches: Iterator[TwoViewBatch]) -> Iterator[TwoViewBatch]:
+        """The batches of `batches`, the wait for each added to `wait`."""
         while True:
             t_wait = time.perf_counter()
             batch = next(batches, None)
-            window["wait"] += time.perf_counter() - t_wait
+            self.wait += time.perf_counter() - t_wait
             if batch is None:
-                break
-            lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=comp["lr"],
-                       schedule=cfg.optim.schedule, milestones=cfg.optim.milestones)
-            set_lr(optimizer, lr)
-            mixed = operator(batch.view1, mask_gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                terms = model(batch.view1, batch.view2, mixed)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            step += 1
-            step_in_epoch += 1
-            method.after_step(step / total_steps)
-            nonfinite |= ~torch.isfinite(terms["loss"].detach())
-            for k, v in terms.items():  # accumulate on the device: no sync until the log step
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            window["steps"] += 1
+                return
+            yield batch
 
-            last_step = step == comp["stop_step"] or step_in_epoch == steps_per_epoch
-            if step % cfg.run.log_every == 0 or last_step:
-                # Sync point: the only host-device synchronisation in the loop, every log_every steps.
-                stop_now, bad = stop.agreed(run, nonfinite)
-                if bad:
-                    exit_code, reason = 3, "nonfinite"
-                    break
-                elapsed = time.perf_counter() - window["t0"]
-                stats = {k: (v / window["steps"]).item() for k, v in sums.items()}
-                stats.update(lr=lr, epoch=epoch, images_per_s=window["steps"] * comp["global_batch"] / elapsed,
-                             data_wait=window["wait"] / elapsed)
-                metrics.write(stats, step=step)
-                view.update(step, epoch, cfg.run.epochs, stats)
-                window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
-                sums = {}
-                if stop_now:
-                    reason = "signal"
-                    break
-            if not run.distributed and stop.signal_name:
-                reason = "signal"
-                break
-            if cfg.run.max_steps and step >= cfg.run.max_steps:
-                break
-        close = getattr(batches, "close", None)
-        if close is not None:  # an epoch left early (max_steps, signal, non-finite): stop the loader's threads
-            close()
-        if bad := getattr(train_loader, "bad_files", None):  # dali / torchvision skip unreadable files
-            listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:20])
-            view.message(f"epoch {epoch + 1}: skipped {len(bad)} unreadable image(s): {listed}"
-                         + (f"; and {len(bad) - 20} more" if len(bad) > 20 else ""))
-        skip_batches, loader_state = 0, None
-        if reason == "nonfinite":
-            break
-        if reason == "signal":
-            save(epoch, step_in_epoch, periodic=False)
-            view.message(f"{stop.signal_name or 'signal'} received: saved {ckpt_dir / 'last.pt'} at step {step}; "
-                         "run again with the same command to resume")
-            exit_code = 0
-            break
-        finished_epoch = step_in_epoch >= steps_per_epoch
-        if finished_epoch:
-            epoch += 1
-        save(epoch, 0 if finished_epoch else step_in_epoch,
-             periodic=finished_epoch and epoch % cfg.run.ckpt_every == 0)
-        if finished_epoch and knn_loaders is not None and cfg.run.knn_every and epoch % cfg.run.knn_every == 0:
-            acc = knn_monitor(method.backbone, knn_loaders, cfg, device, use_bf16)
-            metrics.write({"epoch": epoch, "knn_top1": acc}, step=step, prefix="knn")
-            view.message(f"epoch {epoch}: kNN top-1 {acc:.2f}%")
-        if stop.agreed(run)[0]:
-            reason = "signal"
-            view.message(f"{stop.signal_name or 'signal'} received: checkpoint saved at step {step}")
-            break
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        """Accumulate one step's detached terms on the device: no sync until the log step."""
+        bad = ~torch.isfinite(terms["loss"])
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0) + value.float()
+        self.steps += 1
 
-    view.close()
-    if reason == "nonfinite":
-        metrics.close()
-        good = ckpt_dir / "last.pt"
-        msg = f"the loss became non-finite before step {step}; stopping"
+    def stats(self, global_batch: int) -> dict[str, float]:
+        """Mean terms, images/s and the data-wait share of the window (`.item()`: a sync point)."""
+        elapsed = time.perf_counter() - self.t0
+        stats = {name: (total / self.steps).item() for name, total in self.sums.items()}
+        stats.update(images_per_s=self.steps * global_batch / elapsed, data_wait=self.wait / elapsed)
+        return stats
+
+    def reset(self) -> None:
+        self.t0, self.wait, self.steps, self.sums, self.nonfinite = time.perf_counter(), 0.0, 0, {}, None
+
+
+@dataclass
+class Training:
+    """What `build` makes from the config and the stages share: data, model, optimizer, outputs, signals."""
+
+    cfg: Config
+    run: launch.Launch
+    run_dir: Path
+    lock: rundir.RunLock | None  # held for the whole run
+    view: ProgressView
+    computed: dict
+    train_loader: TwoViewLoader
+    knn: KnnLoaders | None
+    model: TrainModel
+    operator: MixingOperator
+    mask_gen: torch.Generator
+    optimizer: torch.optim.Optimizer
+    autocast: torch.dtype | None
+    checkpointer: ckpt_io.Checkpointer
+    metrics: MetricsWriter = field(init=False)  # opened by start_logging, once metrics.jsonl is cut back
+    stop: StopRequest = field(init=False)  # installed by start_logging: a signal during setup ends the process
+
+    def lr_at(self, step: int) -> float:
+        c, o = self.computed, self.cfg.optim
+        return lr_at(step, total_steps=c["total_steps"], warmup_steps=round(o.warmup_epochs * c["steps_per_epoch"]),
+                     peak_lr=c["lr"], schedule=o.schedule, milestones=o.milestones)
+
+
+def train(cfg: Config, run: launch.Launch) -> int:
+    """Train `cfg` on this process's share of the run; the exit code (0, or 3 for a non-finite loss)."""
+    torch.manual_seed(cfg.run.seed + run.rank)
+    enable_fast_kernels(run.device)
+    view = ProgressView(0, is_main=run.is_main, show_steps=False)
+    run_dir, lock, resume_path, resume_notes = setup(cfg, run, view)
+    t = build(cfg, run, run_dir, lock, view)
+    pos = resume(t, resume_path, resume_notes)
+    start_logging(t, pos)
+    outcome = run_epochs(t, pos)
+    return finish(t, pos, outcome)
+
+
+def setup(cfg: Config, run: launch.Launch, view: ProgressView):
+    """Lock the run directory and find the checkpoint to resume from; refuse one that would change the run.
+
+    Returns (run dir, its lock, checkpoint path or None, notes on the config keys a resume deliberately changed).
+    """
+    run_dir = Path(cfg.run.out_dir or f"runs/{cfg.preset or 'custom'}")
+    ckpt_dir = run_dir / "checkpoints"
+    # One run per directory; a folder that cannot be written is one line now, on every rank.
+    lock = rundir.lock_run_dir(run_dir, pid=os.getpid(), is_main=run.is_main, distributed=run.distributed,
+                               prepare=functools.partial(_make_run_dir, run_dir))
+    rundir.refuse_fresh_start_over(ckpt_dir, cfg.run.resume)
+    resume_path = ckpt_io.find_resume(cfg.run.resume, ckpt_dir)
+    notes: list[str] = []
+    if resume_path is not None:  # checked before any work; the weights are restored once the method exists
+        stored = ckpt_io.load_checkpoint(resume_path, map_location="cpu")["config"]
+        notes = rundir.check_resume_config(stored, _config_dict(cfg), checkpoint=resume_path,
+                                           allow_change=cfg.run.allow_config_change)
+    if note := launch.worker_note(cfg.data.workers):
+        view.message(note)
+    return run_dir, lock, resume_path, notes
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    launch.check_writable_dir(run_dir, "run.out_dir")
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+
+def build(cfg: Config, run: launch.Launch, run_dir: Path, lock: rundir.RunLock | None,
+          view: ProgressView) -> Training:
+    """Data (the synthetic default is converted on first use, by rank 0), loaders, method, operator, optimizer."""
+    data = prepare_data(cfg.data, is_main=run.is_main, barrier=launch.barrier, log=view.message)
+    autocast = autocast_dtype(cfg.run.precision, run.device)
+    batch_size_per_rank = derived(cfg, run.world_size)["batch_size_per_rank"]
+    train_loader, knn = build_loaders(cfg, data, run, batch_size_per_rank, autocast)
+    computed = derived(cfg, run.world_size, len(train_loader))  # the loader refuses an epoch without a full batch
+    if note := cfg.method.params.launch_note(method_shape(cfg, run.world_size)):
+        view.message(note)
+    model = prepare_model(build_method_from_config(cfg, world_size=run.world_size), run.device,
+                          channels_last=cfg.run.channels_last, compile_backend="inductor" if cfg.run.compile else None,
+                          sync_bn=cfg.method.sync_bn, distributed=run.distributed)
+    mask_gen = torch.Generator(device=run.device)
+    mask_gen.manual_seed(cfg.run.seed * 1000 + run.rank)
+    optimizer = build_optimizer(cfg.optim.name, model.method, lr=computed["lr"],
+                                weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
+                                decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
+    checkpointer = ckpt_io.Checkpointer(run_dir / "checkpoints", method=model.method, optimizer=optimizer,
+                                        mask_generator=mask_gen, loader=train_loader, config=_config_dict(cfg),
+                                        computed=computed, keep=cfg.run.keep_ckpts, rank=run.rank,
+                                        world_size=run.world_size)
+    return Training(cfg=cfg, run=run, run_dir=run_dir, lock=lock, view=view, computed=computed,
+                    train_loader=train_loader, knn=knn, model=model, operator=build_operator(cfg), mask_gen=mask_gen,
+                    optimizer=optimizer, autocast=autocast, checkpointer=checkpointer)
+
+
+def resume(t: Training, resume_path: Path | None, notes: list[str]) -> Position:
+    """Restore weights, queue, optimizer, schedule position and RNG states from `resume_path` (None: a fresh run)."""
+    if resume_path is None:
+        return Position()
+    cfg = t.cfg
+    epoch, step, step_in_epoch, loader_state = ckpt_io.resume_from(
+        resume_path, method=t.model.method, optimizer=t.optimizer, mask_generator=t.mask_gen, rank=t.run.rank,
+        world_size=t.run.world_size, model=f"{cfg.method.name}/{cfg.method.branch} {cfg.method.arch}")
+    if epoch >= cfg.run.epochs:
+        t.view.message(f"{resume_path} has finished all {cfg.run.epochs} epochs: nothing to train, writing the "
+                       "outputs again (raise run.epochs to train on)")
+    else:
+        t.view.message(f"resumed from {resume_path} at epoch {epoch + 1}, step {step}")
+    for note in notes:
+        t.view.message(note)
+    return Position(epoch, step, step_in_epoch, loader_state)
+
+
+def start_logging(t: Training, pos: Position) -> None:
+    """config.yaml, metrics.jsonl kept up to `pos.step`, the progress view and the signal handlers."""
+    cfg, run, computed = t.cfg, t.run, t.computed
+    if run.is_main:
+        # Records a killed run wrote past its checkpoint are logged again from here: keep one history.
+        dropped = drop_records_after(t.run_dir / "metrics.jsonl", pos.step)
+        if dropped:
+            t.view.message(f"metrics.jsonl: dropped {dropped} records past step {pos.step} (logged after the "
+                           "checkpoint; they are logged again from here)")
+        (t.run_dir / "config.yaml").write_text(to_yaml(cfg, {"computed": computed, "provenance": provenance()}))
+    t.metrics = MetricsWriter(t.run_dir, tensorboard=cfg.run.tensorboard, enabled=run.is_main)
+    t.view.close()
+    t.view = ProgressView(computed["stop_step"], is_main=run.is_main, show_steps=cfg.run.progress,
+                          start_step=pos.step)
+    t.view.message(f"run dir {t.run_dir} · {cfg.method.name}/{cfg.method.branch} · {run.world_size} x {run.device} · "
+                   f"global batch {computed['global_batch']} · {computed['steps_per_epoch']} steps/epoch · "
+                   f"lr {computed['lr']:.4g}")
+    t.stop = StopRequest()
+
+
+def run_epochs(t: Training, pos: Position) -> Outcome:
+    """Epochs until run.epochs or run.max_steps, a signal or a non-finite loss; checkpoint after each."""
+    cfg, stop = t.cfg, t.stop
+    while pos.epoch < cfg.run.epochs and not (cfg.run.max_steps and pos.step >= cfg.run.max_steps):
+        outcome = run_epoch(t, pos)
+        if outcome is Outcome.NONFINITE:
+            return outcome
+        if outcome is Outcome.SIGNAL:
+            t.checkpointer.save(pos.epoch, pos.step, pos.step_in_epoch, periodic=False)
+            t.view.message(f"{stop.signal_name or 'signal'} received: saved {t.checkpointer.last} at step "
+                           f"{pos.step}; run again with the same command to resume")
+            return outcome
+        end_epoch(t, pos)
+        if stop.agreed(t.run)[0]:
+            t.view.message(f"{stop.signal_name or 'signal'} received: checkpoint saved at step {pos.step}")
+            return Outcome.SIGNAL
+    return Outcome.DONE
+
+
+def run_epoch(t: Training, pos: Position) -> Outcome:
+    """Train from `pos` to the end of its epoch, or to run.max_steps, a signal or a non-finite loss."""
+    cfg, loader = t.cfg, t.train_loader
+    # Resuming mid-epoch starts the epoch at the next batch: nothing already trained on is read again.
+    loader.set_epoch(pos.epoch, start_batch=pos.step_in_epoch, state=pos.loader_state)
+    pos.loader_state = None
+    t.model.module.train()
+    window = LogWindow()
+    batches = iter(loader)
+    outcome = Outcome.DONE
+    for batch in window.timed(batches):
+        lr = t.lr_at(pos.step)
+        set_lr(t.optimizer, lr)
+        mixed = t.operator(batch.view1, t.mask_gen)
+        window.add(train_step(t.model, t.optimizer, batch.view1, batch.view2, mixed, autocast=t.autocast,
+                              progress=(pos.step + 1) / t.computed["total_steps"]))
+        pos.step += 1
+        pos.step_in_epoch += 1
+        stopped = log_step(t, pos, window, lr)
+        if stopped is not None:
+            outcome = stopped
+            break
+        if cfg.run.max_steps and pos.step >= cfg.run.max_steps:
+            break
+    close = getattr(batches, "close", None)
+    if close is not None:  # an epoch left early (max_steps, signal, non-finite): stop the loader's threads
+        close()
+    if bad := getattr(loader, "bad_files", None):  # dali / torchvision skip unreadable files
+        listed = "; ".join(f"{path} ({why})" for path, why in bad[:20])
+        t.view.message(f"epoch {pos.epoch + 1}: skipped {len(bad)} unreadable image(s): {listed}"
+                       + (f"; and {len(bad) - 20} more" if len(bad) > 20 else ""))
+    return outcome
+
+
+def log_step(t: Training, pos: Position, window: LogWindow, lr: float) -> Outcome | None:
+    """Every run.log_every steps and at the end of an epoch: agree on stopping, log the window's means.
+
+    Returns why to stop now (a signal, a non-finite loss) or None to go on.
+    """
+    cfg, run, stop = t.cfg, t.run, t.stop
+    last_step = pos.step == t.computed["stop_step"] or pos.step_in_epoch == t.computed["steps_per_epoch"]
+    if pos.step % cfg.run.log_every == 0 or last_step:
+        # Sync point: the only host-device synchronisation in the loop, every log_every steps.
+        stop_now, bad = stop.agreed(run, window.nonfinite)
+        if bad:
+            return Outcome.NONFINITE
+        stats = window.stats(t.computed["global_batch"])
+        stats.update(lr=lr, epoch=pos.epoch)
+        t.metrics.write(stats, step=pos.step)
+        t.view.update(pos.step, pos.epoch, cfg.run.epochs, stats)
+        window.reset()
+        if stop_now:
+            return Outcome.SIGNAL
+    if not run.distributed and stop.signal_name:  # one process: no peer to agree with, stop at once
+        return Outcome.SIGNAL
+    return None
+
+
+def end_epoch(t: Training, pos: Position) -> None:
+    """Checkpoint where the epoch stopped (periodic ones every run.ckpt_every epochs) and run the kNN monitor."""
+    cfg = t.cfg
+    finished = pos.step_in_epoch >= t.computed["steps_per_epoch"]
+    if finished:
+        pos.epoch += 1
+        pos.step_in_epoch = 0
+    t.checkpointer.save(pos.epoch, pos.step, pos.step_in_epoch,
+                        periodic=finished and pos.epoch % cfg.run.ckpt_every == 0)
+    # The next epoch starts at its first batch (an epoch cut by run.max_steps ends the run).
+    pos.step_in_epoch = 0
+    if finished and t.knn is not None and cfg.run.knn_every and pos.epoch % cfg.run.knn_every == 0:
+        acc = knn_monitor(t.model.method.backbone, t.knn, cfg, t.run.device, t.autocast)
+        t.metrics.write({"epoch": pos.epoch, "knn_top1": acc}, step=pos.step, prefix="knn")
+        t.view.message(f"epoch {pos.epoch}: kNN top-1 {acc:.2f}%")
+
+
+def finish(t: Training, pos: Position, outcome: Outcome) -> int:
+    """Close the logs; after a full run write backbone.pt, the figures and kNN. Returns the exit code."""
+    t.view.close()
+    if outcome is Outcome.NONFINITE:
+        t.metrics.close()
+        good = t.checkpointer.last
+        msg = f"the loss became non-finite before step {pos.step}; stopping"
         msg += f" (last good checkpoint: {good})" if good.is_file() else " (no checkpoint was written yet)"
-        if run.is_main:
+        if t.run.is_main:
             print(f"error: {msg}; lower optim.base_lr or check the data", file=sys.stderr)
-        return exit_code
-    if reason == "done":
-        write_run_artifacts(cfg, method, run_dir, knn_loaders, device, use_bf16, log=view.message,
-                            is_main=run.is_main)
-    metrics.close()
-    return exit_code
+        return 3
+    if outcome is Outcome.DONE:
+        write_run_artifacts(t.cfg, t.model.method, t.run_dir, t.knn, t.run.device, t.autocast, log=t.view.message,
+                            is_main=t.run.is_main)
+    t.metrics.close()
+    return 0
 
 
 def _config_dict(cfg: Config) -> dict:

@@ -6,7 +6,6 @@ loading the config (which knows the dataset sources) or any data code.
 
 from __future__ import annotations
 
-METHOD_NAMES = ("moco", "simclr", "byol", "simsiam")
 BRANCHES = ("vanilla", "unmix", "mixmask", "mixmask-unmix", "erase")
 MIXED_KINDS = ("mixmask", "unmix", "erase")
 # The MixedBatch kinds each branch feeds the method, in order (MixMask* = MixMask + Un-Mix, different partners).

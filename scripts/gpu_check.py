@@ -242,7 +242,7 @@ def part_loader(backend: str):
                      f"data.batch_size={p['batch']}", f"data.workers={p['loader_workers']}",
                      f"data.synthetic_images={p['loader_images']}", "data.synthetic_val_images=16",
                      f"method.arch={p['arch']}", f"method.cifar_stem={str(p['stem'] == '--cifar-stem').lower()}",
-                     f"method.queue_size={p['queue_size']}", "run.knn_every=0"]
+                     f"method.moco.queue_size={p['queue_size']}", "run.knn_every=0"]
         results, res = c.bench(f"e2e-{backend}", "e2e", "--steps", str(p["e2e_steps"]), "--warmup",
                                str(p["warmup"]), "--repeats", str(p["repeats"]), "--preset", "imagenet-moco-mixmask",
                                *overrides)

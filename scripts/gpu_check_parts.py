@@ -169,7 +169,7 @@ def _preset_parts(args, batch: int):
     s = SIZES[args.size]
     cfg = resolve("imagenet-moco-mixmask", overrides=[
         f"method.arch={s['arch']}", f"method.cifar_stem={str(s['cifar_stem']).lower()}",
-        f"data.resolution={s['resolution']}", f"data.batch_size={batch}", f"method.queue_size={s['queue_size']}",
+        f"data.resolution={s['resolution']}", f"data.batch_size={batch}", f"method.moco.queue_size={s['queue_size']}",
         "data.source=synthetic", f"run.device={args.device}"])
     device = torch.device(args.device)
     method = build_method_from_config(cfg).to(device).to(memory_format=torch.channels_last)
@@ -201,7 +201,7 @@ def _where(err: BaseException) -> str:
 def part_sync(args) -> list[dict]:
     import torch
 
-    from mixmask.benchmarking.step import train_step
+    from mixmask.run.step import TrainModel, train_step
     from pipelines.augment import recipe
     from pipelines.photometric import Photometric
 
@@ -226,8 +226,11 @@ def part_sync(args) -> list[dict]:
     def photometric():
         return [aug(raw) for aug in augs]
 
+    model = TrainModel(method=method, module=method)  # train.py's step, eager (run.compile=false)
+
     def step():
-        train_step(method, optimizer, view1, view2, operator(view1, gen), dtype=dtype)
+        train_step(model, optimizer, view1, view2, operator(view1, gen), autocast=dtype if cuda else None,
+                   progress=0.5)
 
     checks = [("sync-free: operator", operator_only, "the MixMask operator (block masks + mix) of the preset"),
               ("sync-free: photometric ops", photometric, f"the {cfg.aug.recipe} views' device photometric ops"),

@@ -77,7 +77,7 @@ def test_e2e_mode_reports_data_wait(repo_root, tmp_path, device):
     if device == "cuda":
         pytest.importorskip("ffcv")  # the demo preset reads through FFCV
     rows = bench(repo_root, tmp_path, device, "e2e", "--steps", "2", "--preset", "demo", "data.synthetic_images=128",
-                 "data.resolution=16", "data.batch_size=16", "data.workers=1", "method.queue_size=64",
+                 "data.resolution=16", "data.batch_size=16", "data.workers=1", "method.moco.queue_size=64",
                  f"data.data_dir={repo_root / 'data' / 'test-cache'}")["results"]
     assert 0.0 <= rows[0]["data_wait"] <= 1.0
 

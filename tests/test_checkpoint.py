@@ -76,7 +76,7 @@ def _tiny_run(repo_root, out, *extra: str) -> subprocess.CompletedProcess:
     """train.py for a few steps of the demo (MoCo v2 + MixMask, AdamW) on 64 synthetic 16 px images."""
     cmd = [sys.executable, "train.py", "--preset", "demo", "data.synthetic_images=64", "data.synthetic_val_images=32",
            "data.resolution=16", "data.batch_size=16", "data.workers=1", "data.backend=torchvision",
-           f"data.data_dir={repo_root / 'data' / 'test-cache'}", "method.cifar_stem=false", "method.queue_size=32",
+           f"data.data_dir={repo_root / 'data' / 'test-cache'}", "method.cifar_stem=false", "method.moco.queue_size=32",
            "mask.grid_size=4", "run.knn_every=0", "run.progress=false", "run.tensorboard=false", f"run.out_dir={out}",
            *extra]
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300,

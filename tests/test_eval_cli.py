@@ -35,7 +35,7 @@ def _one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
 def run_dir(tmp_path_factory) -> Path:
     """A run directory holding checkpoints/last.pt in train.py's format (demo preset, small overrides)."""
     run = tmp_path_factory.mktemp("run")
-    cfg = resolve("demo", None, ["method.queue_size=64", "method.hidden_dim=64", "data.resolution=16",
+    cfg = resolve("demo", None, ["method.moco.queue_size=128", "data.resolution=16",
                                  f"data.data_dir={run / 'data'}"])
     torch.manual_seed(0)
     method = build_method_from_config(cfg)

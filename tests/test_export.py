@@ -18,7 +18,7 @@ from mixmask.run.config_cli import resolve, to_dict
 
 
 def test_method_backbone_exports_torchvision_names():
-    cfg = resolve("imagenet-moco-mixmask", None, ["method.arch=resnet18", "method.queue_size=256"])
+    cfg = resolve("imagenet-moco-mixmask", None, ["method.arch=resnet18", "method.moco.queue_size=256"])
     method = build_method_from_config(cfg)
     state = backbone_state(method.state_dict())
     missing, unexpected = torchvision.models.resnet18().load_state_dict(state, strict=False)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 # 192 synthetic images at 16 px, global batch 32 → 6 steps per epoch (as tests/test_train.py).
 SMALL = [
     "data.synthetic_images=192", "data.synthetic_val_images=64", "data.resolution=16", "data.batch_size=32",
-    "method.cifar_stem=false", "method.queue_size=64", "mask.grid_size=4", "run.knn_every=0",
+    "method.cifar_stem=false", "method.moco.queue_size=64", "mask.grid_size=4", "run.knn_every=0",
     "run.progress=false", "run.tensorboard=false", "run.log_every=1", "optim.warmup_epochs=0",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -212,7 +212,7 @@ def test_train_goes_on_past_an_unreadable_jpeg_and_logs_it(repo_root, tmp_path):
     bad = _folder_with_a_corrupt_jpeg(tmp_path / "data")
     common = ["train.py", "--preset", "demo", "data.source=imagefolder", f"data.path={tmp_path / 'data'}",
               "data.backend=torchvision", "data.workers=0", "data.resolution=16", "data.batch_size=6",
-              "method.cifar_stem=false", "method.queue_size=12", "mask.grid_size=4", "run.knn_every=0",
+              "method.cifar_stem=false", "method.moco.queue_size=12", "mask.grid_size=4", "run.knn_every=0",
               "run.progress=false", "run.tensorboard=false", "run.epochs=1", "run.max_steps=7"]
     proc = subprocess.run([sys.executable, *common, "data.max_bad_fraction=0.05", f"run.out_dir={tmp_path / 'run'}"],
                           cwd=repo_root,
@@ -231,7 +231,7 @@ def test_checkpoints_and_exports_follow_the_users_umask(repo_root, tmp_path, uma
     out = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--preset", "demo", "data.resolution=16", "data.batch_size=8",
            "data.workers=0", "data.backend=torchvision", "data.synthetic_images=16", "data.synthetic_val_images=16",
-           "method.cifar_stem=false", "method.queue_size=16", "mask.grid_size=4", "run.progress=false",
+           "method.cifar_stem=false", "method.moco.queue_size=16", "mask.grid_size=4", "run.progress=false",
            "run.tensorboard=false", "run.epochs=1", "run.max_steps=1", "run.knn_every=0", f"run.out_dir={out}"]
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, env=ENV, timeout=300,
                           preexec_fn=lambda: os.umask(umask))

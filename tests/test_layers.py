@@ -47,7 +47,7 @@ def _imported_modules(path):
 
 
 # Layer → the packages it must never import (DESIGN.md "Layers"; README "Architecture"). The base modules
-# (mixmask.errors, mixmask.vocab, mixmask.batches) are shared by every layer.
+# (mixmask.errors, mixmask.fields, mixmask.vocab, mixmask.batches) are shared by every layer.
 _FORBIDDEN = {
     "pipelines": ("mixmask.core", "mixmask.run", "mixmask.evaluation", "mixmask.benchmarking", "mixmask.reproduce"),
     "mixmask/core": ("pipelines", "mixmask.run", "mixmask.evaluation", "mixmask.benchmarking", "mixmask.reproduce"),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mixmask.batches import MixedBatch
 from mixmask.core.backbones import SplitBatchNorm2d
 from mixmask.core.losses import byol_regression, info_nce, negative_cosine
-from mixmask.core.methods import BRANCH_KINDS, METHODS, build_method
+from mixmask.core.methods import BRANCH_KINDS, METHODS, RunShape, build_method, build_method_from_params
 from mixmask.errors import UserError
 
 HPARAMS = {
@@ -243,6 +243,64 @@ def test_losses_are_fp32_and_close_under_bf16_autocast(name):
     for key in ("loss_orig", "loss_mixmask", "loss"):
         assert low[key].dtype == torch.float32
         assert low[key].item() == pytest.approx(ref[key].item(), rel=5e-2, abs=3e-2)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_registry_builds_every_method_from_its_settings_whose_defaults_are_the_constructors(name):
+    import dataclasses
+    import inspect
+
+    cls = METHODS[name]
+    params = cls.Params()
+    signature = inspect.signature(cls.__init__).parameters
+    for f in dataclasses.fields(params):
+        if f.name in signature:  # one source of defaults: the settings dataclass
+            assert signature[f.name].default == getattr(params, f.name), f"{name}.{f.name}"
+    backbone, width = tiny_backbone()
+    method = build_method_from_params(name, params, backbone=backbone, feature_dim=width)
+    assert type(method) is cls and method.backbone is not None
+    reference = build_method(name, backbone=tiny_backbone()[0], feature_dim=width)
+    assert {k: v.shape for k, v in method.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()}
+    with pytest.raises(TypeError, match="takes"):
+        other = next(n for n in METHODS if n != name)
+        build_method_from_params(name, METHODS[other].Params(), backbone=backbone, feature_dim=width)
+
+
+def test_moco_settings_map_onto_its_constructor_and_are_checked():
+    from mixmask.core.methods.moco import MoCoParams
+
+    backbone, width = tiny_backbone()
+    params = MoCoParams(mlp_head=False, dim=8, queue_size=32, momentum=0.9, temperature=0.3, bn_splits=2)
+    method = build_method_from_params("moco", params, backbone=backbone, feature_dim=width)
+    assert isinstance(method.head, nn.Linear) and method.head.out_features == 8 and method.queue.shape == (32, 8)
+    assert (method.momentum, method.temperature, method.bn_splits, method.shuffle_bn) == (0.9, 0.3, 2, True)
+    several = build_method_from_params("moco", params, backbone=tiny_backbone()[0], feature_dim=width,
+                                       world_size=2, sync_bn=True)
+    assert (several.bn_splits, several.shuffle_bn) == (1, False)  # split BN is for one process; SyncBN: no shuffle
+    assert MoCoParams().mlp_head and isinstance(make_method("moco").head, nn.Sequential)
+    params.check(RunShape(global_batch=16, prefix="method.moco"))
+    with pytest.raises(UserError, match=r"method.moco.queue_size=32 must be a multiple of the global batch 24"):
+        params.check(RunShape(global_batch=24, prefix="method.moco"))
+    with pytest.raises(UserError, match=r"x.bn_splits=2 must divide the batch per process 3"):
+        MoCoParams(queue_size=48, bn_splits=2).check(RunShape(global_batch=3, world_size=1, prefix="x"))
+    MoCoParams(queue_size=48, bn_splits=2).check(RunShape(global_batch=6, world_size=2))  # off on 2 processes
+    assert MoCoParams(bn_splits=8).derived(2) == {"bn_splits": 1}
+    note = MoCoParams(bn_splits=8).launch_note(RunShape(global_batch=16, world_size=2, prefix="method.moco"))
+    assert note and note.startswith("method.moco.bn_splits=8 is for one process")
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol", "simsiam"])
+def test_heads_with_batchnorm_need_two_samples_per_process(name):
+    params = METHODS[name].Params()
+    with pytest.raises(UserError, match="data.batch_size=8 on 8 processes leaves 1 sample per process"):
+        params.check(RunShape(global_batch=8, world_size=8))
+    params.check(RunShape(global_batch=8, world_size=8, sync_bn=True))  # SyncBN pools the processes
+    params.check(RunShape(global_batch=16, world_size=8))
+    params.check(RunShape(global_batch=2))  # config time: the processes are not known yet
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # what the check stands in for
+        method = make_method(name)
+        method(*views(batch=1))
 
 
 def test_registry_and_batch_validation():

@@ -21,7 +21,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The smallest real MixMask* run (both λ kinds logged): 64 synthetic images at 16 px, 4 steps.
 TINY_RUN = [
     "data.synthetic_images=64", "data.synthetic_val_images=32", "data.resolution=16", "data.batch_size=16",
-    "data.workers=0", "data.backend=torchvision", "method.cifar_stem=false", "method.queue_size=32",
+    "data.workers=0", "data.backend=torchvision", "method.cifar_stem=false", "method.moco.queue_size=32",
     "method.branch=mixmask-unmix", "mask.grid_size=4", "run.knn_every=0", "run.progress=false",
     "run.tensorboard=false", "run.log_every=1", "optim.warmup_epochs=0", "run.epochs=1",
 ]

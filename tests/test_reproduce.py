@@ -206,7 +206,8 @@ def test_tiny_table2_end_to_end_then_finished_runs_are_skipped(repo_root, tmp_pa
 def test_a_failing_run_is_reported_in_one_line_and_the_table_still_collected(repo_root, tmp_path):
     data_dir = repo_root / "data" / "test-cache"
     proc = _cli(repo_root, "permutation", "--scale", "tiny", "--only", "random", "--out", str(tmp_path),
-                f"data.data_dir={data_dir}", "data.batch_size=128")  # more than the 64 tiny training images
+                f"data.data_dir={data_dir}", "data.batch_size=128",  # more than the 64 tiny training images
+                "method.moco.queue_size=128")  # (a queue the batch divides: the run itself must fail)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     log = tmp_path / "permutation" / "cifar100" / "random" / "reproduce_train.log"
     trainer_error = [ln for ln in log.read_text().splitlines() if ln.startswith("error: ")][-1]  # train.py's line

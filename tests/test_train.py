@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 # A small MoCo v2 + MixMask run: 192 synthetic images at 16 px, batch 32 → 6 steps per epoch.
 SMALL = [
     "data.synthetic_images=192", "data.synthetic_val_images=64", "data.resolution=16", "data.batch_size=32",
-    "data.workers=1", "method.cifar_stem=false", "method.queue_size=64", "mask.grid_size=4", "run.knn_every=0",
+    "data.workers=1", "method.cifar_stem=false", "method.moco.queue_size=64", "mask.grid_size=4", "run.knn_every=0",
     "run.progress=false", "run.tensorboard=false", "run.log_every=1", "optim.warmup_epochs=0",
 ]
 

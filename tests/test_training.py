@@ -25,7 +25,7 @@ def test_erase_zero_fill_is_black_pixels_after_normalisation():
 
 
 def test_moco_v2_head_width_follows_the_backbone():
-    method = build_method_from_config(resolve("imagenet-moco-mixmask", None, ["method.queue_size=256"]))
+    method = build_method_from_config(resolve("imagenet-moco-mixmask", None, ["method.moco.queue_size=256"]))
     assert method.head[0].in_features == 2048 and method.head[0].out_features == 2048
     small = build_method_from_config(resolve("demo"))
     assert small.head[0].out_features == 512

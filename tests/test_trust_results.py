@@ -75,7 +75,7 @@ def colours(tmp_path_factory) -> dict[str, Path]:
 def checkpoint(colours) -> Path:
     """A random-init demo checkpoint in train.py's format (the kNN of colours needs no training)."""
     run = colours["tmp"] / "run"
-    cfg = resolve("demo", None, ["method.queue_size=64", "method.hidden_dim=64", "data.resolution=16",
+    cfg = resolve("demo", None, ["method.moco.queue_size=128", "data.resolution=16",
                                  "method.cifar_stem=true"])
     torch.manual_seed(0)
     state = {"version": 1, "method": build_method_from_config(cfg).state_dict(), "optimizer": {}, "scaler": None,
@@ -145,7 +145,7 @@ def test_knn_monitor_on_a_val_split_lacking_a_class(repo_root, colours, tmp_path
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "train.py", "--preset", "demo", "data.source=imagefolder",
                            *_data_args(colours, "ffcv"), "data.resolution=16", "data.batch_size=4",
-                           "method.queue_size=64", "method.hidden_dim=64", "run.epochs=1", "run.knn_every=1",
+                           "method.moco.queue_size=64", "run.epochs=1", "run.knn_every=1",
                            "eval.knn_k=3", "eval.batch_size=4", "run.progress=false", "run.tensorboard=false",
                            "optim.base_lr=1e-8", f"run.out_dir={out}"],
                           cwd=repo_root, capture_output=True, text=True, timeout=300, env=ENV)
@@ -195,7 +195,7 @@ def test_config_changes_lists():
 
 SMALL = [
     "data.synthetic_images=192", "data.synthetic_val_images=64", "data.resolution=16", "data.batch_size=32",
-    "method.cifar_stem=false", "method.queue_size=64", "mask.grid_size=4", "run.knn_every=0",
+    "method.cifar_stem=false", "method.moco.queue_size=64", "mask.grid_size=4", "run.knn_every=0",
     "run.progress=false", "run.tensorboard=false", "run.log_every=1", "optim.warmup_epochs=0",
 ]
 
@@ -252,8 +252,8 @@ def test_resume_with_another_config_is_refused(repo_root, tmp_path):
     train(repo_root, out, "run.epochs=2", "run.max_steps=6")
     config = (out / "config.yaml").read_text()
     weights = (out / "checkpoints" / "last.pt").read_bytes()
-    proc = train(repo_root, out, "run.epochs=2", "data.batch_size=64", "method.temperature=0.5", check=False)
-    one_line_error(proc, "data.batch_size 32 → 64", "method.temperature", "run.out_dir",
+    proc = train(repo_root, out, "run.epochs=2", "data.batch_size=64", "method.moco.temperature=0.5", check=False)
+    one_line_error(proc, "data.batch_size 32 → 64", "method.moco.temperature", "run.out_dir",
                    "run.allow_config_change=true")
     one_line_error(train(repo_root, out, "run.epochs=1", check=False), "run.epochs 2 → 1")
     one_line_error(train(repo_root, out, "run.epochs=2", "run.resume=none", check=False), "run.resume=auto")
@@ -261,8 +261,8 @@ def test_resume_with_another_config_is_refused(repo_root, tmp_path):
     assert (out / "checkpoints" / "last.pt").read_bytes() == weights
     proc = train(repo_root, out, "run.epochs=3", "run.max_steps=12", "run.log_every=2")  # allowed changes
     assert "run.epochs 2 → 3" in proc.stderr and "resumed from" in proc.stderr
-    proc = train(repo_root, out, "run.epochs=3", "method.temperature=0.5", "run.allow_config_change=true")
-    assert "method.temperature" in proc.stderr and "resumed from" in proc.stderr
+    proc = train(repo_root, out, "run.epochs=3", "method.moco.temperature=0.5", "run.allow_config_change=true")
+    assert "method.moco.temperature" in proc.stderr and "resumed from" in proc.stderr
 
 
 # ---- 6. a 2-rank torchrun resume is bit-identical

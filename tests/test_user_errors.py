@@ -58,7 +58,7 @@ def test_paper_preset_runs_on_a_machine_with_fewer_cores_than_its_workers(repo_r
     cores = 1
     proc = run(repo_root, "train.py", "--preset", "cifar100-moco-mixmask", "data.source=synthetic",
                "data.synthetic_images=64", "data.synthetic_val_images=32", "data.batch_size=16",
-               "data.resolution=16", "run.max_steps=2", "run.device=cpu", "method.queue_size=64",
+               "data.resolution=16", "run.max_steps=2", "run.device=cpu", "method.moco.queue_size=64",
                "run.knn_every=0", "run.progress=false", "run.tensorboard=false",
                f"data.data_dir={repo_root / 'data' / 'test-cache'}", f"run.out_dir={tmp_path / 'run'}",
                preexec_fn=lambda: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores]))
@@ -70,7 +70,7 @@ def test_paper_preset_runs_on_a_machine_with_fewer_cores_than_its_workers(repo_r
 # ---- 10. one line naming the file or key and the fix
 
 TINY = ["--preset", "demo", "data.resolution=16", "data.batch_size=8", "data.workers=0", "method.cifar_stem=false",
-        "method.queue_size=16", "mask.grid_size=4", "run.progress=false", "run.tensorboard=false", "run.epochs=1"]
+        "method.moco.queue_size=16", "mask.grid_size=4", "run.progress=false", "run.tensorboard=false", "run.epochs=1"]
 
 
 @pytest.fixture(scope="module")

@@ -332,7 +332,7 @@ def test_brace_pattern_selects_shards(shards):
 
 # ---------------------------------------------------------------- training from shards
 SMALL_RUN = ["data.resolution=16", "data.batch_size=16", "data.workers=1", "method.cifar_stem=false",
-             "method.queue_size=32", "eval.knn_k=5", "run.progress=false", "run.tensorboard=false",
+             "method.moco.queue_size=32", "eval.knn_k=5", "run.progress=false", "run.tensorboard=false",
              "run.max_steps=3", "data.shuffle_buffer=32"]
 
 

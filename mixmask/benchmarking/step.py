@@ -1,6 +1,9 @@
 """Train-step benchmark: one full step (forward, backward, SGD step, `after_step`) per method × branch on synthetic
 tensors, with the analytic cost in backbone forward-equivalents and the achieved FLOP rate.
 
+The step is train.py's own (`mixmask.run.step.train_step` on a model from `prepare_model`), fed precomputed mixed
+batches so the row times the method alone; `bench.py masks` times the operator and `bench.py e2e` the whole path.
+
 Forward-equivalents count backbone passes per image with forward = 1 and backward = 2 (heads ignored): a view
 that is trained costs 3, a view seen only by a momentum / EMA encoder costs 1, and each mixed batch is one more
 trained view. So MoCo = 3 + 1 = 4, MoCo + MixMask = 7, MoCo + MixMask* (MixMask + Un-Mix) = 10 (DESIGN.md).
@@ -19,6 +22,7 @@ from mixmask.batches import MixedBatch
 from mixmask.benchmarking.protocol import measure
 from mixmask.core.backbones import build_backbone
 from mixmask.core.methods import BRANCH_KINDS, build_method
+from mixmask.run.step import prepare_model, train_step
 
 # Per method: (views through the trained encoder, views through a no-gradient encoder only).
 _VIEW_PASSES = {"moco": (1, 1), "simclr": (2, 0), "byol": (2, 2), "simsiam": (2, 0)}
@@ -61,22 +65,13 @@ def synthetic_mixed(kind: str, view1: torch.Tensor, grid_size: int, generator: t
     return MixedBatch(kind, torch.where(keep, view1, view1[perm]), lam, perm)
 
 
-def train_step(
-    method: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    view1: torch.Tensor,
-    view2: torch.Tensor,
-    mixed: Sequence[MixedBatch],
-    *,
-    dtype: torch.dtype,
-) -> None:
-    """What the training loop does per step: forward under autocast, backward, optimizer step, `after_step`."""
-    with torch.autocast(view1.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        out = method(view1, view2, mixed)
-    optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    optimizer.step()
-    method.after_step(0.5)
+def _first_call_time(step, device: torch.device, compile_backend: str) -> dict:
+    """The first compiled step's wall time (compilation included), as the row's `compile_s`."""
+    t0 = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # sync point: the compiled step has run
+    return {"compile_s": time.perf_counter() - t0, "compile_backend": compile_backend}
 
 
 def run_step_bench(
@@ -97,37 +92,33 @@ def run_step_bench(
 ) -> list[dict]:
     """Time one training step per method × branch; rows follow `Measurement.row` plus the cost model.
 
-    `dtype` is the autocast dtype of the encoders (float32: no autocast); the losses stay fp32 either way.
+    `dtype` is the autocast dtype of the encoders (float32: no autocast); the losses stay fp32 either way. The
+    model is channels_last (`run.channels_last`'s default), as the synthetic views are.
     Each row adds `method`, `branch`, `forward_equivalents`, `backbone_gflops_per_image` and `tflops` (achieved
     backbone FLOP rate = forward FLOPs × forward-equivalents × images / second). With `compile_backend` the method
     is `torch.compile`d (as `run.compile=true` does) and each row adds `compile_s`, the first step's wall time
     (compilation included), taken before the warm-up.
     """
     device = torch.device(device)
+    autocast = None if dtype == torch.float32 else dtype
     generator = torch.Generator(device=device).manual_seed(0)
     rows = []
     for name in methods:
         backbone, feature_dim = build_backbone(arch, cifar_stem=cifar_stem)
         kwargs = (method_kwargs or {}).get(name, {})
-        method = build_method(name, backbone=backbone, feature_dim=feature_dim, **kwargs)
-        method = method.to(device=device, memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
-        model = torch.compile(method, backend=compile_backend) if compile_backend else method
-        flops = backbone_flops_per_image(method.backbone, resolution, device)
+        model = prepare_model(build_method(name, backbone=backbone, feature_dim=feature_dim, **kwargs), device,
+                              channels_last=True, compile_backend=compile_backend)
+        optimizer = torch.optim.SGD(model.method.parameters(), lr=0.01, momentum=0.9)
+        flops = backbone_flops_per_image(model.method.backbone, resolution, device)
         shape = (batch_size, 3, resolution, resolution)
         view1 = torch.randn(shape, generator=generator, device=device).contiguous(memory_format=torch.channels_last)
         view2 = torch.randn(shape, generator=generator, device=device).contiguous(memory_format=torch.channels_last)
         for branch in branches:
             mixed = [synthetic_mixed(kind, view1, grid_size, generator) for kind in BRANCH_KINDS[branch]]
 
-            step = functools.partial(train_step, model, optimizer, view1, view2, mixed, dtype=dtype)
-            extra = {}
-            if compile_backend:
-                t0 = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # sync point: the compiled step has run
-                extra = {"compile_s": time.perf_counter() - t0, "compile_backend": compile_backend}
+            step = functools.partial(train_step, model, optimizer, view1, view2, mixed, autocast=autocast,
+                                     progress=0.5)
+            extra = _first_call_time(step, device, compile_backend) if compile_backend else {}
             label = f"{name}/{branch}" + (" compiled" if compile_backend else "")
             m = measure(label, step, items_per_call=batch_size, warmup=warmup, repeats=repeats, device=device)
             fe = forward_equivalents(name, branch)

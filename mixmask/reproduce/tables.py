@@ -23,7 +23,7 @@ ONE_MASK_PER_BATCH = "mask.share=batch"
 TINY_OVERRIDES = (
     "data.source=synthetic", "data.resolution=32", "data.synthetic_images=64",
     "data.synthetic_val_images=32", "data.synthetic_classes=4", "data.batch_size=16", "data.workers=1",
-    "method.arch=resnet18", "method.queue_size=64", "run.max_steps=2", "run.device=cpu", "run.knn_every=1",
+    "method.arch=resnet18", "method.moco.queue_size=64", "run.max_steps=2", "run.device=cpu", "run.knn_every=1",
     "run.tensorboard=false", "run.log_every=1", "eval.epochs=2", "eval.batch_size=32", "eval.knn_k=10",
 )
 

@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -18,12 +19,23 @@ from mixmask.run.config import Config
 from pipelines.prepare import DataPaths, train_order
 
 
-def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_per_rank: int, use_bf16: bool):
-    """The two-view training loader and, when a held-out split exists, the (bank, query) kNN monitor loaders."""
+class KnnLoaders(NamedTuple):
+    """The kNN monitor's data: the training split as the feature bank, the held-out split as the queries."""
+
+    bank: Any  # pipelines.loaders eval loader: (images, labels) batches of this rank's shard
+    query: Any
+    num_classes: int
+    val_label_map: list[int] | None  # held-out label → train label, when the splits' class lists differ
+
+
+def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_per_rank: int,
+                  autocast: torch.dtype | None):
+    """The two-view training loader and, when a held-out split exists and `run.knn_every` > 0, the `KnnLoaders`
+    (else None). Images come in the autocast dtype (`mixmask.run.step.autocast_dtype`; None: fp32)."""
     from pipelines.augment import recipe
     from pipelines.loaders import build_eval_loader, build_two_view_loader
 
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    dtype = autocast or torch.float32
     views = recipe(cfg.aug.recipe, cfg.data.resolution)
     if cfg.aug.crop_min_scale is not None:
         views = tuple(replace(v, crop_scale=(cfg.aug.crop_min_scale, v.crop_scale[1])) for v in views)
@@ -40,41 +52,29 @@ def build_loaders(cfg: Config, data: DataPaths, run: launch.Launch, batch_size_p
         order_window=cfg.data.order_window, **common)
     if cfg.run.knn_every == 0 or (data.val is None and not data.synthetic_val):
         return train, None
-    eval_batch = max(1, min(256, cfg.eval.batch_size // run.world_size))
+    from mixmask.evaluation.features import eval_batch_per_rank
+
+    # At most 256 images per rank: the monitor runs beside the training step's memory.
+    eval_batch = min(256, eval_batch_per_rank(cfg.eval.batch_size, run.world_size))
     bank = build_eval_loader(cfg.data.backend, path=data.train, split="train", batch_size_per_rank=eval_batch,
                              train_aug=False, synthetic=data.synthetic_train or None, **common)
     query = build_eval_loader(cfg.data.backend, path=data.val, split="val", batch_size_per_rank=eval_batch,
                               train_aug=False, synthetic=data.synthetic_val or None, **common)
-    return train, (bank, query, data.num_classes, data.val_label_map)
+    return train, KnnLoaders(bank, query, data.num_classes, data.val_label_map)
 
 
-def build_method_from_config(cfg: Config, num_classes: int | None = None, *, world_size: int = 1) -> torch.nn.Module:
-    """The Siamese method of `cfg.method` around a fresh backbone (num_classes is unused by the methods).
+def build_method_from_config(cfg: Config, *, world_size: int = 1) -> torch.nn.Module:
+    """The Siamese method `cfg.method.name` around a fresh backbone, from its own section `method.<name>`.
 
-    `world_size` decides whether MoCo's split BatchNorm applies (`config.bn_splits_in_use`: one process only).
+    `world_size` is the launch's: MoCo's split BatchNorm applies in one process only (`MoCoParams.bn_splits_in_use`).
     """
     from mixmask.core.backbones import build_backbone
-    from mixmask.core.methods import build_method
-    from mixmask.run.config import bn_splits_in_use
+    from mixmask.core.methods import build_method_from_params
 
     m = cfg.method
     backbone, feature_dim = build_backbone(m.arch, cifar_stem=m.cifar_stem)
-    hparams: dict
-    if m.name == "moco":
-        # MoCo v2's MLP hidden width is the backbone's feature width (512 for ResNet-18, 2048 for ResNet-50), as
-        # in the official code; method.hidden_dim sizes the other methods' projectors.
-        hparams = dict(version=2 if m.mlp_head else 1, dim=m.dim, mlp_hidden_dim=None,
-                       queue_size=m.queue_size, momentum=m.momentum, temperature=m.temperature,
-                       shuffle_bn=m.shuffle_bn and not m.sync_bn, sync_bn=m.sync_bn,
-                       bn_splits=bn_splits_in_use(cfg, world_size))
-    elif m.name == "simclr":
-        hparams = dict(proj_hidden_dim=m.hidden_dim, proj_dim=m.dim, temperature=m.temperature)
-    elif m.name == "byol":
-        hparams = dict(proj_hidden_dim=m.hidden_dim, proj_dim=m.dim, pred_hidden_dim=m.pred_dim, base_tau=m.momentum)
-    else:
-        hparams = dict(proj_dim=m.dim, proj_hidden_dim=m.hidden_dim, proj_layers=m.proj_layers,
-                       pred_hidden_dim=m.pred_dim)
-    return build_method(m.name, backbone=backbone, feature_dim=feature_dim, **hparams)
+    return build_method_from_params(m.name, m.params, backbone=backbone, feature_dim=feature_dim,
+                                    world_size=world_size, sync_bn=m.sync_bn)
 
 
 def build_operator(cfg: Config):
@@ -91,7 +91,8 @@ def build_operator(cfg: Config):
                           erase_fill=fill)
 
 
-def knn_monitor(backbone: torch.nn.Module, loaders, cfg: Config, device: torch.device, use_bf16: bool) -> float:
+def knn_monitor(backbone: torch.nn.Module, loaders: KnnLoaders, cfg: Config, device: torch.device,
+                autocast: torch.dtype | None) -> float:
     """kNN top-1 (%) of held-out images against the training set's features (every rank takes part)."""
     from mixmask.core.distributed import get_world_size
     from mixmask.evaluation.features import (
@@ -103,37 +104,36 @@ def knn_monitor(backbone: torch.nn.Module, loaders, cfg: Config, device: torch.d
         unshard,
     )
 
-    bank_loader, query_loader, num_classes, val_label_map = loaders
-    dtype = torch.bfloat16 if use_bf16 else None
     world = get_world_size()
     broadcast_buffers(backbone)  # every rank evaluates the weights rank 0 saves (BN statistics are rank-local)
-    bank_x, bank_y = extract_features(backbone, bank_loader, device, dtype=dtype)
-    query_x, query_y = extract_features(backbone, query_loader, device, dtype=dtype)
+    bank_x, bank_y = extract_features(backbone, loaders.bank, device, dtype=autocast)
+    query_x, query_y = extract_features(backbone, loaders.query, device, dtype=autocast)
     # Under torchrun the shards are padded by wrap-around: drop the duplicates so each image counts once.
-    bank_x, bank_y = (unshard(t, world, bank_loader.num_samples, bank_loader.rank_layout) for t in (bank_x, bank_y))
-    query_x, query_y = (unshard(t, world, query_loader.num_samples, query_loader.rank_layout)
+    bank_x, bank_y = (unshard(t, world, loaders.bank.num_samples, loaders.bank.rank_layout) for t in (bank_x, bank_y))
+    query_x, query_y = (unshard(t, world, loaders.query.num_samples, loaders.query.rank_layout)
                         for t in (query_x, query_y))
-    query_y = remap_labels(query_y, val_label_map)
+    query_y = remap_labels(query_y, loaders.val_label_map)
     pred = knn_predict(bank_x, bank_y, query_x, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
-                       num_classes=num_classes)
+                       num_classes=loaders.num_classes)
     return accuracy(pred, query_y)
 
 
-def write_run_artifacts(cfg: Config, method: torch.nn.Module, run_dir: Path, knn_loaders, device: torch.device,
-                        use_bf16: bool, log: Callable[[str], None], *, is_main: bool = True) -> dict:
+def write_run_artifacts(cfg: Config, method: torch.nn.Module, run_dir: Path, knn_loaders: KnnLoaders | None,
+                        device: torch.device, autocast: torch.dtype | None, log: Callable[[str], None], *,
+                        is_main: bool = True) -> dict:
     """backbone.pt, the loss curve and mask figure, and kNN of the trained backbone beside a random-init one.
 
     Every rank calls this (the kNN evaluations are collectives); rank 0 alone writes files.
     """
     out: dict = {}
     if knn_loaders is not None:
-        trained = knn_monitor(method.backbone, knn_loaders, cfg, device, use_bf16)
+        trained = knn_monitor(method.backbone, knn_loaders, cfg, device, autocast)
         torch.manual_seed(cfg.run.seed)
         random_init = build_method_from_config(cfg).backbone.to(device)
-        baseline = knn_monitor(random_init, knn_loaders, cfg, device, use_bf16)
+        baseline = knn_monitor(random_init, knn_loaders, cfg, device, autocast)
         out.update(knn_top1=trained, knn_top1_random_init=baseline)
         log(f"kNN top-1 on the held-out split: trained {trained:.2f}% vs random init {baseline:.2f}% "
-            f"(k={cfg.eval.knn_k}, {knn_loaders[2]} classes)")
+            f"(k={cfg.eval.knn_k}, {knn_loaders.num_classes} classes)")
     if not is_main:
         return out
     from mixmask.run.checkpoint import save_atomic

@@ -1,8 +1,10 @@
 """Atomic checkpoints: write to a temporary file, fsync, rename; load with one clear error when corrupt.
 
 A checkpoint holds everything needed to resume exactly (DESIGN.md, Reliability): the plain (uncompiled, unwrapped)
-method's state dict — backbone, heads, momentum encoder, queue —, the optimizer, the grad scaler, the position in
-the schedule (epoch, step, step within the epoch), every RNG state, and the resolved config with provenance.
+method's state dict — backbone, heads, momentum encoder, queue —, the optimizer, the position in the schedule
+(epoch, step, step within the epoch), every rank's RNG states and loader position, and the resolved config with
+provenance. There is no grad-scaler state: training autocasts to bf16, which needs no loss scaling (checkpoints
+written with a `"scaler": None` entry still load; the key is ignored).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from mixmask.errors import UserError
+from mixmask.run.provenance import provenance
 
 CHECKPOINT_VERSION = 1
 _PERIODIC = re.compile(r"epoch_(\d+)\.pt$")
@@ -59,6 +62,42 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+class Checkpointer:
+    """Writes this run's checkpoints: `last.pt` at every save, and `epoch_NNNN.pt` (the newest `keep` of them) when
+    the save is periodic.
+
+    Every rank calls `save` at the same step (it gathers each rank's RNG states and loader position, so a resumed
+    rank continues its own streams); rank 0 alone writes. `config` and `computed` are stored with every checkpoint.
+    """
+
+    def __init__(self, ckpt_dir: Path, *, method: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 mask_generator: torch.Generator | None, loader: Any, config: dict, computed: dict, keep: int,
+                 rank: int = 0, world_size: int = 1):
+        self.ckpt_dir, self.last = Path(ckpt_dir), Path(ckpt_dir) / "last.pt"
+        self.method, self.optimizer, self.mask_generator, self.loader = method, optimizer, mask_generator, loader
+        self.config, self.computed, self.keep = config, computed, keep
+        self.rank, self.world_size = rank, world_size
+
+    def save(self, epoch: int, step: int, step_in_epoch: int, *, periodic: bool) -> Path | None:
+        """Checkpoint the run at `step`, `step_in_epoch` batches into `epoch` (0: the epoch has not begun)."""
+        mine = (rng_state(self.mask_generator), self.loader.position_state() if step_in_epoch else None)
+        gathered: list = [mine]
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, mine)
+        if self.rank != 0:
+            return None
+        state = {"version": CHECKPOINT_VERSION, "method": self.method.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "epoch": epoch, "step": step,
+                 "step_in_epoch": step_in_epoch, "rng": [g[0] for g in gathered], "loader": [g[1] for g in gathered],
+                 "config": self.config, "computed": self.computed, "provenance": provenance()}
+        save_atomic(state, self.last)
+        if periodic:
+            save_atomic(state, self.ckpt_dir / f"epoch_{epoch:04d}.pt")
+            prune_periodic(self.ckpt_dir, self.keep)
+        return self.last
 
 
 def load_method_state(method: torch.nn.Module, ckpt: dict, path: str | Path, model: str) -> None:

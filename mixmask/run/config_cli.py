@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from mixmask.errors import UserError, did_you_mean
-from mixmask.run.config import Config, validate
+from mixmask.run.config import FLAT_METHOD_KEYS, Config, upgrade_saved_config, validate
 from mixmask.run.presets import get_preset
 
 
@@ -30,23 +30,62 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, preset_required: bo
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. run.epochs=10")
 
 
+def _leaf_keys(section: Any, prefix: str) -> list[str]:
+    """Every dotted key under a section, nested sections (method.<name>) included."""
+    keys = []
+    for f in fields(section):
+        value = getattr(section, f.name)
+        keys += _leaf_keys(value, f"{prefix}{f.name}.") if is_dataclass(value) else [f"{prefix}{f.name}"]
+    return keys
+
+
+def _flat_method_key_error(name: str) -> UserError:
+    """An old flat method key (`method.momentum`): one line naming the keys that replaced it."""
+    new = [f"method.{method}.{key}" for method, key in FLAT_METHOD_KEYS[name].items()]
+    if len(new) == 1:
+        return UserError(f"method.{name} is now {new[0]} (each method owns its settings)")
+    return UserError(f"method.{name} is now set per method: {', '.join(new)} (each method owns its settings; "
+                     "set the one of your method.name)")
+
+
 def _unknown_key_error(key: str) -> UserError:
-    section, _, name = key.partition(".")
+    """One line for a key the config does not have: the closest key, the section's keys, or the new name."""
+    parts = key.split(".")
+    if len(parts) == 2 and parts[0] == "method" and parts[1] in FLAT_METHOD_KEYS:
+        return _flat_method_key_error(parts[1])
     cfg = Config()
     sections = [f.name for f in fields(cfg) if is_dataclass(getattr(cfg, f.name))]
-    if section in sections and not name:  # `data=3`: a whole section given a value
-        keys = [f.name for f in fields(getattr(cfg, section))]
-        return UserError(f"{section!r} is a config section, not a key: set one of its keys, e.g. "
-                         f"{section}.{keys[0]}=...; keys in {section}: {', '.join(keys)}")
-    if section not in sections or not name:
+    node: Any = cfg
+    depth = 0
+    while depth < len(parts) and is_dataclass(node) and parts[depth] in {f.name for f in fields(node)}:
+        node, depth = getattr(node, parts[depth]), depth + 1
+    where = ".".join(parts[:depth])
+    if depth == 0 or (len(parts) == 1 and not is_dataclass(node)):
         # A bare field name ("epochs=3"): point at the section that has it.
-        dotted = [f"{s}.{f.name}" for s in sections for f in fields(getattr(cfg, s))]
-        owners = [d for d in dotted if d.endswith(f".{section}")]
-        hint = f" (did you mean {owners[0]!r}?)" if owners else did_you_mean(section, sections)
+        owners = [d for d in _leaf_keys(cfg, "") if d.endswith(f".{parts[0]}")]
+        hint = f" (did you mean {owners[0]!r}?)" if owners else did_you_mean(parts[0], sections)
         return UserError(f"unknown config key {key!r}{hint}; sections: {', '.join(sections)}")
-    names = [f.name for f in fields(getattr(cfg, section))]
-    hint = did_you_mean(name, names)
-    return UserError(f"unknown config key {key!r}{hint}; valid keys in {section}: {', '.join(names)}")
+    if not is_dataclass(node):
+        return UserError(f"unknown config key {key!r}: {where} is a value, not a section")
+    names = [f.name for f in fields(node)]
+    if depth == len(parts):  # `data=3`: a whole section given a value
+        return UserError(f"{where!r} is a config section, not a key: set one of its keys, e.g. "
+                         f"{where}.{names[0]}=...; keys in {where}: {', '.join(names)}")
+    hint = did_you_mean(parts[depth], names)
+    return UserError(f"unknown config key {key!r}{hint}; valid keys in {where}: {', '.join(names)}")
+
+
+def _check_key(key: str) -> None:
+    """UserError unless `key` names one value of the config (not a section, not an unknown or old key)."""
+    node: Any = Config()
+    if "." not in key:  # a bare name or a whole section: `preset` is set by --preset, not as an override
+        raise _unknown_key_error(key)
+    for part in key.split("."):
+        if not is_dataclass(node) or part not in {f.name for f in fields(node)}:
+            raise _unknown_key_error(key)
+        node = getattr(node, part)
+    if is_dataclass(node):
+        raise _unknown_key_error(key)
 
 
 def _merge(base: Any, other: Any, where: str) -> Any:
@@ -66,8 +105,7 @@ def _parse_overrides(overrides: list[str]) -> Any:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise UserError(f"override {item!r} is not of the form key=value (e.g. run.epochs=10)")
-        if "." not in key:
-            raise _unknown_key_error(key)
+        _check_key(key)
         items.append(f"{key}={value}")
     try:
         return OmegaConf.from_dotlist(items)
@@ -91,6 +129,7 @@ def _load_yaml(path: Path) -> dict:
         raise UserError(f"config file {str(path)!r} must hold a mapping of sections (data:, method:, ...)")
     data.pop("computed", None)  # a run's saved config.yaml carries its derived values: they are not inputs
     data.pop("provenance", None)
+    data.pop("bench", None)  # a section older runs saved; nothing ever read it
     return data
 
 
@@ -117,8 +156,9 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(data: dict) -> Config:
-    """Rebuild a Config from a saved dict (checkpoint or config.yaml); unknown keys are errors."""
-    data = {k: v for k, v in data.items() if k not in ("computed", "provenance")}
+    """Rebuild a Config from a saved dict (checkpoint or config.yaml, older layouts upgraded); unknown keys are
+    errors."""
+    data = upgrade_saved_config({k: v for k, v in data.items() if k not in ("computed", "provenance")})
     merged = _merge(OmegaConf.structured(Config()), data, "the saved config")
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, Config)

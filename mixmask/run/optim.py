@@ -7,8 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixmask.core.schedule import lr_at  # noqa: F401  (re-exported: the training loop imports it from here)
-
 
 def param_groups(model: nn.Module, weight_decay: float, *, decay_norm_and_bias: bool = False) -> list[dict]:
     """Two groups: weights, and biases / norm parameters (1-d tensors).

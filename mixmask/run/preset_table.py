@@ -128,10 +128,17 @@ _W_DECAY = ("optim.decay_norm_and_bias", True, f"{WMSE} `train.py`:39 (Adam over
 _W_SCHEDULE = ("optim.schedule", "cosine",
                "ours, because neither Table 8 nor the MixMask code gives one for these methods: cosine as the "
                f"MoCo rows ({WMSE} steps ×0.2 at the last 50 and 25 epochs after 500 warm-up steps)")
-_W_DIM = ("method.dim", {"cifar100": 64, "tinyimagenet": 128}, f"{T8}; {WMSE} README (`--emb 64` / `--emb 128`)")
-_W_HIDDEN = ("method.hidden_dim", 1024, f"{T8} (projection 1024); {WMSE} `cfg.py`:80 (head size)")
+_W_DIM = ("proj_dim", {"cifar100": 64, "tinyimagenet": 128}, f"{T8}; {WMSE} README (`--emb 64` / `--emb 128`)")
+_W_HIDDEN = ("proj_hidden_dim", 1024, f"{T8} (projection 1024); {WMSE} `cfg.py`:80 (head size)")
 _W_CROP = ("aug.crop_min_scale", 0.2, f"{WMSE} `cfg.py`:38 (crops from 0.2)")
 _SGD_MOMENTUM = ("optim.momentum", 0.9, f"{UNMIX}:425")
+
+
+def _method(name: str, row: tuple[str, Any, str]) -> tuple[str, Any, str]:
+    """A row shared by several methods, keyed in one method's own section (`method.<name>.<key>`)."""
+    key, value, source = row
+    return f"method.{name}.{key}", value, source
+
 
 SMALL_METHOD_FAMILIES = (
     Family(SMALL, ("moco",), (
@@ -142,12 +149,13 @@ SMALL_METHOD_FAMILIES = (
         Row("optim.decay_norm_and_bias", True, f"{UNMIX}:425 {_DECAY_ALL}; so does {MIXMASK}:206"),
         Row("optim.schedule", "cosine", f"{UNMIX}:61 (`args.cos = True`)"),
         Row("optim.warmup_epochs", 0.0, f"{UNMIX} (no warm-up)"),
-        Row("method.mlp_head", False, f"{T1} caption: MoCo V1 on the small datasets; {UNMIX}:144 (fc = linear head)"),
-        Row("method.dim", 128, f"{T8}; {UNMIX}:36"),
-        Row("method.queue_size", 4096, f"{T8}; {UNMIX}:37"),
-        Row("method.momentum", 0.99, f"{T8}; {UNMIX}:38"),
-        Row("method.temperature", 0.1, f"{T8}; {UNMIX}:39"),
-        Row("method.bn_splits", 8, f"{UNMIX}:42 (`--bn-splits 8`, split BN on one GPU); 1 when run on several "
+        Row("method.moco.mlp_head", False,
+            f"{T1} caption: MoCo V1 on the small datasets; {UNMIX}:144 (fc = linear head)"),
+        Row("method.moco.dim", 128, f"{T8}; {UNMIX}:36"),
+        Row("method.moco.queue_size", 4096, f"{T8}; {UNMIX}:37"),
+        Row("method.moco.momentum", 0.99, f"{T8}; {UNMIX}:38"),
+        Row("method.moco.temperature", 0.1, f"{T8}; {UNMIX}:39"),
+        Row("method.moco.bn_splits", 8, f"{UNMIX}:42 (`--bn-splits 8`, split BN on one GPU); 1 when run on several "
                                    "processes (shuffle-BN)"),
         Row("aug.recipe", "mocov2", f"{UNMIX}:84-90 (crop, flip, jitter 0.4/0.4/0.4/0.1 p 0.8, grey 0.2, no blur)"),
         Row("aug.crop_min_scale", 0.08, f"{UNMIX}:85 (`RandomResizedCrop(32)`: from 0.08)"),
@@ -155,17 +163,17 @@ SMALL_METHOD_FAMILIES = (
     Family(SMALL, ("simclr",), (
         Row(*_W_ADAM), Row(*_W_LR), Row(*_W_WD), Row(*_W_DECAY), Row(*_W_SCHEDULE),
         Row("optim.warmup_epochs", 0.0, "ours, with the cosine schedule above"),
-        Row(*_W_DIM), Row(*_W_HIDDEN),
-        Row("method.temperature", 0.5, f"{WMSE} `cfg.py`:97 (Table 8 gives none)"),
+        Row(*_method("simclr", _W_DIM)), Row(*_method("simclr", _W_HIDDEN)),
+        Row("method.simclr.temperature", 0.5, f"{WMSE} `cfg.py`:97 (Table 8 gives none)"),
         Row("aug.recipe", "simclr", "ours: the SimCLR recipe, no blur at <= 64 px (W-MSE: grey p 0.1)"),
         Row(*_W_CROP),
     )),
     Family(SMALL, ("byol",), (
         Row(*_W_ADAM), Row(*_W_LR), Row(*_W_WD), Row(*_W_DECAY), Row(*_W_SCHEDULE),
         Row("optim.warmup_epochs", 0.0, "ours, with the cosine schedule above"),
-        Row(*_W_DIM), Row(*_W_HIDDEN),
-        Row("method.pred_dim", 1024, f"{WMSE} `methods/byol.py`:18-21 (predictor hidden = head size)"),
-        Row("method.momentum", 0.99, f"{T8} (BYOL τ); {WMSE} `cfg.py`:22"),
+        Row(*_method("byol", _W_DIM)), Row(*_method("byol", _W_HIDDEN)),
+        Row("method.byol.pred_hidden_dim", 1024, f"{WMSE} `methods/byol.py`:18-21 (predictor hidden = head size)"),
+        Row("method.byol.base_tau", 0.99, f"{T8} (BYOL τ); {WMSE} `cfg.py`:22"),
         Row("aug.recipe", "byol", "ours: BYOL's asymmetric recipe, no blur at <= 64 px (W-MSE: one symmetric recipe)"),
         Row(*_W_CROP),
     )),
@@ -177,10 +185,12 @@ SMALL_METHOD_FAMILIES = (
         Row("optim.decay_norm_and_bias", True, f"ours, as the official code: {MIXMASK}:206 {_DECAY_ALL}"),
         Row("optim.schedule", "cosine", "SimSiam paper (cosine decay)"),
         Row("optim.warmup_epochs", 10.0, T8),
-        Row("method.dim", 128, T8),
-        Row("method.hidden_dim", 2048, "ours, because Table 8 gives only the output: the SimSiam paper's width"),
-        Row("method.pred_dim", 512, "ours, because Table 8 gives none: the SimSiam paper's predictor hidden"),
-        Row("method.proj_layers", 2, "SimSiam paper, CIFAR setting (2-layer projector)"),
+        Row("method.simsiam.proj_dim", 128, T8),
+        Row("method.simsiam.proj_hidden_dim", 2048, "ours, because Table 8 gives only the output: the SimSiam paper's "
+                                                    "width"),
+        Row("method.simsiam.pred_hidden_dim", 512, "ours, because Table 8 gives none: the SimSiam paper's predictor "
+                                                   "hidden"),
+        Row("method.simsiam.proj_layers", 2, "SimSiam paper, CIFAR setting (2-layer projector)"),
         Row("aug.recipe", "simclr", "ours: SimSiam's recipe is SimCLR's / MoCo v2's, no blur at <= 64 px"),
         Row("aug.crop_min_scale", 0.08, "ours, because Table 8 gives none: as the MoCo rows"),
     )),
@@ -196,12 +206,12 @@ IMAGENET_METHOD_FAMILIES = (
         Row("optim.decay_norm_and_bias", True, f"{MIXMASK}:206 {_DECAY_ALL}"),
         Row("optim.schedule", "cosine", f"{MIXMASK_README} (`--cos`)"),
         Row("optim.warmup_epochs", 0.0, f"{MIXMASK} (no warm-up)"),
-        Row("method.mlp_head", True, f"{MIXMASK_README} (`--mlp`: MoCo v2)"),
-        Row("method.dim", 128, f"{MIXMASK}:87"),
-        Row("method.queue_size", 65536, f"{MIXMASK}:89"),
-        Row("method.momentum", 0.999, f"{MIXMASK}:91"),
-        Row("method.temperature", 0.2, f"{MIXMASK_README} (`--moco-t 0.2`)"),
-        Row("method.bn_splits", 1, "8 GPUs: each one's BN is a split, shuffle-BN across them (MoCo v2)"),
+        Row("method.moco.mlp_head", True, f"{MIXMASK_README} (`--mlp`: MoCo v2)"),
+        Row("method.moco.dim", 128, f"{MIXMASK}:87"),
+        Row("method.moco.queue_size", 65536, f"{MIXMASK}:89"),
+        Row("method.moco.momentum", 0.999, f"{MIXMASK}:91"),
+        Row("method.moco.temperature", 0.2, f"{MIXMASK_README} (`--moco-t 0.2`)"),
+        Row("method.moco.bn_splits", 1, "8 GPUs: each one's BN is a split, shuffle-BN across them (MoCo v2)"),
         Row("aug.recipe", "mocov2", f"{MIXMASK_README} (`--aug-plus`)"),
         Row("aug.crop_min_scale", 0.2, "MoCo v2 `--aug-plus` (`RandomResizedCrop(224, scale=(0.2, 1.))`)"),
     )),
@@ -211,9 +221,9 @@ IMAGENET_METHOD_FAMILIES = (
         Row("optim.weight_decay", 1e-6, _OWN_PAPER.format("SimCLR")),
         Row("optim.decay_norm_and_bias", False, _OWN_PAPER.format("SimCLR") + " (biases and BN excluded)"),
         Row("optim.warmup_epochs", 10.0, _OWN_PAPER.format("SimCLR")),
-        Row("method.dim", 128, _OWN_PAPER.format("SimCLR")),
-        Row("method.hidden_dim", 2048, _OWN_PAPER.format("SimCLR")),
-        Row("method.temperature", 0.1, _OWN_PAPER.format("SimCLR")),
+        Row("method.simclr.proj_dim", 128, _OWN_PAPER.format("SimCLR")),
+        Row("method.simclr.proj_hidden_dim", 2048, _OWN_PAPER.format("SimCLR")),
+        Row("method.simclr.temperature", 0.1, _OWN_PAPER.format("SimCLR")),
         Row("aug.recipe", "simclr", _OWN_PAPER.format("SimCLR")),
         Row("aug.crop_min_scale", 0.08, _OWN_PAPER.format("SimCLR")),
     )),
@@ -223,10 +233,10 @@ IMAGENET_METHOD_FAMILIES = (
         Row("optim.weight_decay", 1.5e-6, _OWN_PAPER.format("BYOL")),
         Row("optim.decay_norm_and_bias", False, _OWN_PAPER.format("BYOL") + " (biases and BN excluded)"),
         Row("optim.warmup_epochs", 10.0, _OWN_PAPER.format("BYOL")),
-        Row("method.dim", 256, _OWN_PAPER.format("BYOL")),
-        Row("method.hidden_dim", 4096, _OWN_PAPER.format("BYOL")),
-        Row("method.pred_dim", 4096, _OWN_PAPER.format("BYOL")),
-        Row("method.momentum", 0.996, _OWN_PAPER.format("BYOL")),
+        Row("method.byol.proj_dim", 256, _OWN_PAPER.format("BYOL")),
+        Row("method.byol.proj_hidden_dim", 4096, _OWN_PAPER.format("BYOL")),
+        Row("method.byol.pred_hidden_dim", 4096, _OWN_PAPER.format("BYOL")),
+        Row("method.byol.base_tau", 0.996, _OWN_PAPER.format("BYOL")),
         Row("aug.recipe", "byol", _OWN_PAPER.format("BYOL")),
         Row("aug.crop_min_scale", 0.08, _OWN_PAPER.format("BYOL")),
     )),
@@ -236,10 +246,10 @@ IMAGENET_METHOD_FAMILIES = (
         Row("optim.weight_decay", 1e-4, _OWN_PAPER.format("SimSiam")),
         Row("optim.momentum", 0.9, _OWN_PAPER.format("SimSiam")),
         Row("optim.decay_norm_and_bias", True, _OWN_PAPER.format("SimSiam") + " (SGD over every parameter)"),
-        Row("method.dim", 2048, _OWN_PAPER.format("SimSiam")),
-        Row("method.hidden_dim", 2048, _OWN_PAPER.format("SimSiam")),
-        Row("method.pred_dim", 512, _OWN_PAPER.format("SimSiam")),
-        Row("method.proj_layers", 3, _OWN_PAPER.format("SimSiam")),
+        Row("method.simsiam.proj_dim", 2048, _OWN_PAPER.format("SimSiam")),
+        Row("method.simsiam.proj_hidden_dim", 2048, _OWN_PAPER.format("SimSiam")),
+        Row("method.simsiam.pred_hidden_dim", 512, _OWN_PAPER.format("SimSiam")),
+        Row("method.simsiam.proj_layers", 3, _OWN_PAPER.format("SimSiam")),
         Row("aug.recipe", "simclr", _OWN_PAPER.format("SimSiam") + " (MoCo v2's augmentation)"),
         Row("aug.crop_min_scale", 0.2, _OWN_PAPER.format("SimSiam")),
     )),

@@ -9,6 +9,7 @@ Better-than-official choices (e.g. `optim.decay_norm_and_bias=false`) stay optio
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 from mixmask.errors import UserError, did_you_mean
@@ -19,9 +20,11 @@ DATASETS = ("cifar100", "tinyimagenet", "imagenet")
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
-    section, name = key.split(".")
-    sub = getattr(cfg, section)
-    if not hasattr(sub, name):
+    *sections, name = key.split(".")
+    sub: Any = cfg
+    for section in sections:  # `method.moco.queue_size`: a method's own section
+        sub = getattr(sub, section)
+    if not is_dataclass(sub) or name not in {f.name for f in fields(sub)}:
         raise AttributeError(f"preset table names an unknown config key {key!r}")
     setattr(sub, name, value)
 
@@ -48,7 +51,7 @@ def demo() -> Config:
     cfg.data.resolution, cfg.data.batch_size, cfg.data.workers = 32, 128, 2
     cfg.data.synthetic_images, cfg.data.synthetic_val_images, cfg.data.synthetic_classes = 2000, 500, 10
     cfg.method.name, cfg.method.branch, cfg.method.arch, cfg.method.cifar_stem = "moco", "mixmask", "resnet18", False
-    cfg.method.queue_size, cfg.method.momentum, cfg.method.temperature = 1024, 0.99, 0.2
+    cfg.method.moco.queue_size, cfg.method.moco.momentum, cfg.method.moco.temperature = 1024, 0.99, 0.2
     cfg.mask.grid_size, cfg.mask.share = 4, "pair"  # ours: one mask per pair keeps the switched image
     cfg.aug.recipe, cfg.aug.crop_min_scale = "mocov2", 0.35
     cfg.optim.name, cfg.optim.base_lr, cfg.optim.base_batch, cfg.optim.weight_decay = "adamw", 3e-4, 128, 1e-4

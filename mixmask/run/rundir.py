@@ -31,7 +31,7 @@ MAY_CHANGE: frozenset[str] = frozenset({
     "run.log_every", "run.ckpt_every", "run.keep_ckpts", "run.knn_every", "run.tensorboard", "run.progress",
     "data.workers", "data.os_cache", "data.batches_ahead", "data.data_dir", "data.val_path",
 })
-MAY_CHANGE_SECTIONS: tuple[str, ...] = ("eval.", "bench.")
+MAY_CHANGE_SECTIONS: tuple[str, ...] = ("eval.",)
 
 
 class RunLock:
@@ -71,6 +71,13 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _in_use(flat: dict[str, Any], method: str | None) -> dict[str, Any]:
+    """The keys a run of `method` reads: every method has a section `method.<name>`, only its own counts (None:
+    none does)."""
+    own = f"method.{method}."
+    return {k: v for k, v in flat.items() if k.count(".") < 2 or not k.startswith("method.") or k.startswith(own)}
+
+
 def may_change(key: str) -> bool:
     return key in MAY_CHANGE or key.startswith(MAY_CHANGE_SECTIONS)
 
@@ -81,6 +88,9 @@ def config_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[st
     `run.epochs` lowered is refused (the schedule would end before where the run already is, or be compressed).
     """
     old_flat, new_flat = flatten(stored), flatten(new)
+    # Only the run's own method section counts; when the method itself changes, `method.name` says so alone.
+    method = old_flat.get("method.name") if old_flat.get("method.name") == new_flat.get("method.name") else None
+    old_flat, new_flat = _in_use(old_flat, method), _in_use(new_flat, method)
     refused, allowed = [], []
     for key in sorted(old_flat.keys() | new_flat.keys()):
         missing = object()
@@ -112,6 +122,9 @@ def check_resume_config(stored: dict[str, Any], new: dict[str, Any], *, checkpoi
 
     Returns one-line notes on the changes that are allowed (or overridden with `allow_change`).
     """
+    from mixmask.run.config import upgrade_saved_config  # an older run's flat method keys, in today's sections
+
+    stored = upgrade_saved_config(stored)
     refused, allowed = config_changes(stored, new)
     notes = []
     if refused and not allow_change:

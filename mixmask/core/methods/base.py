@@ -4,13 +4,62 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
 from mixmask.batches import MixedBatch
+from mixmask.errors import UserError
 from mixmask.vocab import MIXED_KINDS
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a method's checks know of the run: the global batch, the processes (None: not launched yet, i.e. at
+    config time) and whether BatchNorm is synchronised; `prefix` is the dotted name of the method's config section,
+    so an error names the key to change."""
+
+    global_batch: int
+    world_size: int | None = None
+    sync_bn: bool = False
+    prefix: str = "method"
+
+    @property
+    def batch_size_per_rank(self) -> int | None:
+        return None if self.world_size is None else self.global_batch // self.world_size
+
+
+@dataclass
+class MethodParams:
+    """A method's hyper-parameters: one `mixmask.fields.setting` per field (type, default, doc, bounds).
+
+    The run layer shows them as the config section `method.<name>` and builds the method with
+    `SiameseMethod.from_params`. Subclasses add the cross-field rules a user can break in `check` (UserError, one
+    line, naming the key) and the values they derive from the launch in `derived`.
+    """
+
+    def check(self, shape: RunShape) -> None:
+        """Raise UserError for settings this run cannot use; runs at config time (`shape.world_size` None) and
+        again at start-up, when the processes are known."""
+
+    def derived(self, world_size: int) -> dict[str, Any]:
+        """Values computed from the settings and the launch (logged in the run's `computed` block)."""
+        return {}
+
+    def launch_note(self, shape: RunShape) -> str | None:
+        """A line worth telling the user about how these settings apply to this launch, or None."""
+        return None
+
+
+def check_head_batchnorm(shape: RunShape) -> None:
+    """Projection heads with BatchNorm1d need two samples per process in training (SyncBN pools the processes)."""
+    per_rank = shape.batch_size_per_rank
+    if per_rank is not None and per_rank < 2 and not shape.sync_bn:
+        raise UserError(f"data.batch_size={shape.global_batch} on {shape.world_size} processes leaves {per_rank} "
+                        "sample per process, and the projection head's BatchNorm needs at least 2: raise "
+                        "data.batch_size or set method.sync_bn=true")
 
 
 class SiameseMethod(nn.Module):
@@ -26,6 +75,14 @@ class SiameseMethod(nn.Module):
     """
 
     backbone: nn.Module
+    Params: ClassVar[type[MethodParams]] = MethodParams
+
+    @classmethod
+    def from_params(cls, params: MethodParams, *, backbone: nn.Module, feature_dim: int, world_size: int = 1,
+                    sync_bn: bool = False) -> SiameseMethod:
+        """The method with the hyper-parameters of its config section (whose field names are this class's keyword
+        arguments unless a subclass maps them); `world_size` and `sync_bn` describe the launch."""
+        return cls(backbone=backbone, feature_dim=feature_dim, **asdict(params))
 
     def forward(
         self, view1: torch.Tensor, view2: torch.Tensor, mixed: Sequence[MixedBatch] = ()

@@ -6,14 +6,37 @@ Grill et al. 2020 ("Bootstrap Your Own Latent").
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from mixmask.batches import MixedBatch
 from mixmask.core.losses import byol_regression, soft_mix
-from mixmask.core.methods.base import SiameseMethod, frozen_copy, momentum_update_
+from mixmask.core.methods.base import (
+    MethodParams,
+    RunShape,
+    SiameseMethod,
+    check_head_batchnorm,
+    frozen_copy,
+    momentum_update_,
+)
 from mixmask.core.methods.heads import mlp
+from mixmask.fields import setting
+
+
+@dataclass
+class BYOLParams(MethodParams):
+    """BYOL's settings (`method.byol.*`); the names are the constructor's keyword arguments."""
+
+    proj_hidden_dim: int = setting(1024, "projector hidden width (Linear-BN-ReLU-Linear)", ge=1)
+    proj_dim: int = setting(256, "projector output (embedding) dimension", ge=1)
+    pred_hidden_dim: int | None = setting(None, "predictor hidden width (null = proj_hidden_dim)", ge=1)
+    base_tau: float = setting(0.99, "target EMA decay at the start; it follows a cosine to 1 at the end", ge=0.0,
+                              le=1.0)
+
+    def check(self, shape: RunShape) -> None:
+        check_head_batchnorm(shape)
 
 
 def cosine_tau(base_tau: float, progress: float) -> float:
@@ -30,18 +53,21 @@ class BYOL(SiameseMethod):
     1 − λ_i, in the units of one direction of `L_orig`. The target is updated in `after_step` with τ from
     `cosine_tau(base_tau, progress)`.
 
-    Defaults: MixMask Table 8 small-dataset projector width 1024 (read as the hidden width), output 256, τ 0.99.
+    Defaults (`BYOLParams`): MixMask Table 8 small-dataset projector width 1024 (read as the hidden width), output
+    256, τ 0.99.
     """
+
+    Params = BYOLParams
 
     def __init__(
         self,
         *,
         backbone: nn.Module,
         feature_dim: int,
-        proj_hidden_dim: int = 1024,
-        proj_dim: int = 256,
-        pred_hidden_dim: int | None = None,
-        base_tau: float = 0.99,
+        proj_hidden_dim: int = BYOLParams.proj_hidden_dim,
+        proj_dim: int = BYOLParams.proj_dim,
+        pred_hidden_dim: int | None = BYOLParams.pred_hidden_dim,
+        base_tau: float = BYOLParams.base_tau,
     ) -> None:
         super().__init__()
         self.backbone = backbone

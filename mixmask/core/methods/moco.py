@@ -7,16 +7,67 @@ image and the key of the image it was mixed with, against the same queue.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mixmask.batches import MixedBatch
 from mixmask.core import distributed
-from mixmask.core.backbones import split_batchnorm_
 from mixmask.core.losses import info_nce, info_nce_soft
-from mixmask.core.methods.base import SiameseMethod, frozen_copy, momentum_update_
+from mixmask.core.methods.base import MethodParams, RunShape, SiameseMethod, frozen_copy, momentum_update_
 from mixmask.core.methods.heads import mlp
+from mixmask.errors import UserError
+from mixmask.fields import setting
+
+
+@dataclass
+class MoCoParams(MethodParams):
+    """MoCo's settings (`method.moco.*`). Defaults: MixMask Table 8's small-dataset dim, K, m and T, with the v2
+    head (the small-dataset presets choose v1)."""
+
+    mlp_head: bool = setting(True, "MLP projection head (v2; hidden width = the backbone's feature width, as in the "
+                                   "official code) instead of a linear one (v1)")
+    dim: int = setting(128, "embedding dimension of queries, keys and the queue", ge=1)
+    queue_size: int = setting(4096, "negative queue length K (a multiple of the global batch)", ge=1)
+    momentum: float = setting(0.99, "key-encoder momentum m", ge=0.0, le=1.0)
+    temperature: float = setting(0.1, "InfoNCE softmax temperature T", gt=0.0)
+    shuffle_bn: bool = setting(True, "shuffle BatchNorm across ranks for the key encoder (in one process: across "
+                                     "the BN splits); off under method.sync_bn")
+    bn_splits: int = setting(1, "one process only: split BatchNorm, statistics over S equal chunks of the batch "
+                                "(the MoCo CIFAR recipe: 8); with more processes each rank's BN is a split and this "
+                                "is 1", ge=1)
+
+    def bn_splits_in_use(self, world_size: int) -> int:
+        """Split BatchNorm stands in for several devices' BN in one process; with more processes every rank's BN
+        already sees its own share of the batch and shuffle-BN applies, so it is off (1)."""
+        return self.bn_splits if world_size == 1 else 1
+
+    def check(self, shape: RunShape) -> None:
+        key = shape.prefix
+        if self.queue_size % shape.global_batch:
+            fit = self.queue_size - self.queue_size % shape.global_batch or shape.global_batch
+            raise UserError(f"{key}.queue_size={self.queue_size} must be a multiple of the global batch "
+                            f"{shape.global_batch} (each step enqueues the whole batch's keys); pick e.g. {fit}")
+        if shape.world_size is None:
+            return
+        splits, per_rank = self.bn_splits_in_use(shape.world_size), shape.batch_size_per_rank
+        if per_rank % splits:
+            raise UserError(f"{key}.bn_splits={splits} must divide the batch per process {per_rank} "
+                            "(data.batch_size / world size)")
+        if splits > 1 and shape.sync_bn:
+            raise UserError(f"method.sync_bn=true and {key}.bn_splits={splits} exclude each other (one normalises "
+                            f"across processes, the other within one); set {key}.bn_splits=1")
+
+    def derived(self, world_size: int) -> dict:
+        return {"bn_splits": self.bn_splits_in_use(world_size)}
+
+    def launch_note(self, shape: RunShape) -> str | None:
+        if self.bn_splits > 1 and shape.world_size is not None and shape.world_size > 1:
+            return (f"{shape.prefix}.bn_splits={self.bn_splits} is for one process; with {shape.world_size} "
+                    "processes each rank's BatchNorm is a split and shuffle-BN applies")
+        return None
 
 
 class MoCo(SiameseMethod):
@@ -38,20 +89,33 @@ class MoCo(SiameseMethod):
     the process so a key's chunk holds other samples than its query's.
     """
 
+    Params = MoCoParams
+
+    @classmethod
+    def from_params(cls, params: MethodParams, *, backbone: nn.Module, feature_dim: int, world_size: int = 1,
+                    sync_bn: bool = False) -> MoCo:
+        assert isinstance(params, MoCoParams)
+        # MoCo v2's MLP hidden width is the backbone's feature width (512 for ResNet-18, 2048 for ResNet-50), as in
+        # the official code (mlp_hidden_dim=None); SyncBN makes shuffling redundant.
+        return cls(backbone=backbone, feature_dim=feature_dim, version=2 if params.mlp_head else 1, dim=params.dim,
+                   mlp_hidden_dim=None, queue_size=params.queue_size, momentum=params.momentum,
+                   temperature=params.temperature, shuffle_bn=params.shuffle_bn and not sync_bn, sync_bn=sync_bn,
+                   bn_splits=params.bn_splits_in_use(world_size))
+
     def __init__(
         self,
         *,
         backbone: nn.Module,
         feature_dim: int,
         version: int = 2,
-        dim: int = 128,
+        dim: int = MoCoParams.dim,
         mlp_hidden_dim: int | None = None,
-        queue_size: int = 4096,
-        momentum: float = 0.99,
-        temperature: float = 0.1,
-        shuffle_bn: bool = True,
+        queue_size: int = MoCoParams.queue_size,
+        momentum: float = MoCoParams.momentum,
+        temperature: float = MoCoParams.temperature,
+        shuffle_bn: bool = MoCoParams.shuffle_bn,
         sync_bn: bool = False,
-        bn_splits: int = 1,
+        bn_splits: int = MoCoParams.bn_splits,
     ) -> None:
         super().__init__()
         if version not in (1, 2):
@@ -61,6 +125,9 @@ class MoCo(SiameseMethod):
                              "other within one)")
         if sync_bn:
             backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+        # Imported here: backbones loads torchvision, which the config (importing MoCoParams) does not need.
+        from mixmask.core.backbones import split_batchnorm_
+
         self.backbone = split_batchnorm_(backbone, bn_splits)
         self.bn_splits = bn_splits
         if version == 1:

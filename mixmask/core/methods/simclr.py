@@ -5,6 +5,8 @@ Chen et al. 2020 ("A Simple Framework for Contrastive Learning"), projector Line
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,8 +14,21 @@ import torch.nn.functional as F
 from mixmask.batches import MixedBatch
 from mixmask.core import distributed
 from mixmask.core.losses import info_nce_soft, nt_xent, self_pair_mask
-from mixmask.core.methods.base import SiameseMethod
+from mixmask.core.methods.base import MethodParams, RunShape, SiameseMethod, check_head_batchnorm
 from mixmask.core.methods.heads import mlp
+from mixmask.fields import setting
+
+
+@dataclass
+class SimCLRParams(MethodParams):
+    """SimCLR's settings (`method.simclr.*`); the names are the constructor's keyword arguments."""
+
+    proj_hidden_dim: int = setting(1024, "projector hidden width (Linear-BN-ReLU-Linear)", ge=1)
+    proj_dim: int = setting(128, "projector output (embedding) dimension", ge=1)
+    temperature: float = setting(0.5, "NT-Xent softmax temperature", gt=0.0)
+
+    def check(self, shape: RunShape) -> None:
+        check_head_batchnorm(shape)
 
 
 class SimCLR(SiameseMethod):
@@ -26,18 +41,20 @@ class SimCLR(SiameseMethod):
     negatives; 2N − 2 when π(i) = i, as for `erase`, where λ = 1 gives exactly the NT-Xent row of the mixed query).
     The permutation is local to each rank, as the mixing operator is.
 
-    Defaults: MixMask Table 8 small-dataset projector width 1024 (read as the hidden width), output 128, T 0.5
-    (SimCLR's CIFAR setting is T 0.5).
+    Defaults (`SimCLRParams`): MixMask Table 8 small-dataset projector width 1024 (read as the hidden width),
+    output 128, T 0.5 (SimCLR's CIFAR setting is T 0.5).
     """
+
+    Params = SimCLRParams
 
     def __init__(
         self,
         *,
         backbone: nn.Module,
         feature_dim: int,
-        proj_hidden_dim: int = 1024,
-        proj_dim: int = 128,
-        temperature: float = 0.5,
+        proj_hidden_dim: int = SimCLRParams.proj_hidden_dim,
+        proj_dim: int = SimCLRParams.proj_dim,
+        temperature: float = SimCLRParams.temperature,
     ) -> None:
         super().__init__()
         self.backbone = backbone

@@ -5,13 +5,30 @@ Chen & He 2021 ("Exploring Simple Siamese Representation Learning").
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from mixmask.batches import MixedBatch
 from mixmask.core.losses import negative_cosine, soft_mix
-from mixmask.core.methods.base import SiameseMethod
+from mixmask.core.methods.base import MethodParams, RunShape, SiameseMethod, check_head_batchnorm
 from mixmask.core.methods.heads import mlp
+from mixmask.fields import setting
+
+
+@dataclass
+class SimSiamParams(MethodParams):
+    """SimSiam's settings (`method.simsiam.*`); the names are the constructor's keyword arguments."""
+
+    proj_dim: int = setting(2048, "projector output (embedding) dimension", ge=1)
+    proj_hidden_dim: int | None = setting(None, "projector hidden width (null = proj_dim, the paper's 2048/2048)",
+                                          ge=1)
+    proj_layers: int = setting(3, "projector layers (3 on ImageNet, 2 in the SimSiam paper's CIFAR setting)", ge=1)
+    pred_hidden_dim: int = setting(512, "predictor bottleneck width", ge=1)
+
+    def check(self, shape: RunShape) -> None:
+        check_head_batchnorm(shape)
 
 
 class SimSiam(SiameseMethod):
@@ -20,18 +37,20 @@ class SimSiam(SiameseMethod):
     Mixed term (images are mixed view 1): the mixed prediction regresses to sg(z2_i) and sg(z2_π(i)) with weights
     λ_i and 1 − λ_i, in the units of one direction D. Projector: `proj_layers` Linear-BN-ReLU blocks of width
     `proj_hidden_dim` (default: `proj_dim`, the SimSiam paper's 2048/2048) ending in BN (3 for ImageNet, 2 in the
-    paper's CIFAR setting); predictor: hidden width `pred_hidden_dim`.
+    paper's CIFAR setting); predictor: hidden width `pred_hidden_dim`. Defaults: `SimSiamParams`.
     """
+
+    Params = SimSiamParams
 
     def __init__(
         self,
         *,
         backbone: nn.Module,
         feature_dim: int,
-        proj_dim: int = 2048,
-        proj_hidden_dim: int | None = None,
-        proj_layers: int = 3,
-        pred_hidden_dim: int = 512,
+        proj_dim: int = SimSiamParams.proj_dim,
+        proj_hidden_dim: int | None = SimSiamParams.proj_hidden_dim,
+        proj_layers: int = SimSiamParams.proj_layers,
+        pred_hidden_dim: int = SimSiamParams.pred_hidden_dim,
     ) -> None:
         super().__init__()
         self.backbone = backbone
