@@ -189,7 +189,7 @@ def test_dali_shards_resume_from_the_readers_checkpoint_decodes_only_the_remaini
     run = wds_dali.Pipeline.run
 
     def counted(self, *args, **kwargs):
-        runs.append(self.batch_size)
+        runs.append(self.max_batch_size)
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(wds_dali.Pipeline, "run", counted)
