@@ -7,6 +7,7 @@ on `load(i)` with Pillow, which (unlike OpenCV) refuses truncated JPEGs instead 
 
 from __future__ import annotations
 
+import abc
 import os
 import pickle
 from pathlib import Path
@@ -65,7 +66,7 @@ def decode_file(path: str, *, draft_size: int | None = None) -> np.ndarray:
         raise CorruptImageError(path, f"{kind} ({detail})") from None
 
 
-class Source:
+class Source(abc.ABC):
     """An indexable dataset split: labels are cheap, images decode on demand."""
 
     name: str = ""
@@ -74,14 +75,17 @@ class Source:
     # Files met while indexing that are not images at all (path, reason): skipped, reported by conversion.
     ignored: list[tuple[str, str]]
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def label(self, i: int) -> int:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def load(self, i: int) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
     def path(self, i: int) -> str | None:
         return None

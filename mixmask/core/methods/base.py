@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -62,7 +63,7 @@ def check_head_batchnorm(shape: RunShape) -> None:
                         "data.batch_size or set method.sync_bn=true")
 
 
-class SiameseMethod(nn.Module):
+class SiameseMethod(nn.Module, abc.ABC):
     """Base class: `forward(view1, view2, mixed)` returns named loss terms, `loss` (their sum) and detached stats.
 
     Subclasses implement `original_loss` (the base method's loss, returning whatever its mix terms need as
@@ -112,13 +113,13 @@ class SiameseMethod(nn.Module):
         out["loss"] = total
         return out
 
+    @abc.abstractmethod
     def original_loss(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The base method's loss on the two views, and the targets the mixed terms use."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def mixed_loss(self, batch: MixedBatch, targets: Any) -> torch.Tensor:
         """mean_i[λ_i ℓ(z_i, t_i) + (1 − λ_i) ℓ(z_i, t_π(i))] for the embeddings z of `batch.images`."""
-        raise NotImplementedError
 
     def finish_forward(self, targets: Any) -> None:
         """State updates that follow the loss (MoCo's enqueue)."""
