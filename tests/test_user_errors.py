@@ -54,16 +54,19 @@ def test_paper_preset_runs_on_a_machine_with_fewer_cores_than_its_workers(repo_r
     """cifar100-* asks for 8 loader workers; FFCV's numba threads cannot exceed the usable cores (1 here, by
     affinity, whatever the machine). One core rather than two: the cap is the same check, and a one-thread loader
     spares the test numba's costly compilation of the parallel pipeline (covered by test_loaders_ffcv.py and the
-    demo)."""
+    demo). The data directory is new, so the run converts its datasets itself, as a first run on a new machine does:
+    with numba's TBB layer, that fork after importing ffcv made the finished run hang at exit on one core
+    (`pipelines.numba_threads`)."""
     cores = 1
     proc = run(repo_root, "train.py", "--preset", "cifar100-moco-mixmask", "data.source=synthetic",
                "data.synthetic_images=64", "data.synthetic_val_images=32", "data.batch_size=16",
                "data.resolution=16", "run.max_steps=2", "run.device=cpu", "method.moco.queue_size=64",
                "run.knn_every=0", "run.progress=false", "run.tensorboard=false",
-               f"data.data_dir={repo_root / 'data' / 'test-cache'}", f"run.out_dir={tmp_path / 'run'}",
+               f"data.data_dir={tmp_path / 'data'}", f"run.out_dir={tmp_path / 'run'}",
                preexec_fn=lambda: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"note: data.workers=8 lowered to {cores}" in proc.stderr
+    assert "32 images" in proc.stderr  # the kNN split was converted in this run
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
 
 
