@@ -148,6 +148,7 @@ def test_torchrun_two_cpu_processes(repo_root, tmp_path):
     assert state["step"] == 6 and len(state["rng"]) == 2  # 192 / 32 global → 6 steps; both ranks' RNG saved
     assert state["method"]["queue_ptr"].item() == (6 * 32) % 64  # the gathered global batch was enqueued
     assert "world_size: 2" in (out / "config.yaml").read_text()
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]  # e.g. DDP's broadcast_buffers FutureWarning (step.py)
 
 
 def test_torchrun_max_restarts_resumes_a_killed_worker(repo_root, tmp_path):

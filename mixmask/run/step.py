@@ -7,6 +7,7 @@ under the dtype `autocast_dtype` picks: compile, autocast and channels_last incl
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,8 +66,14 @@ def prepare_model(method: nn.Module, device: torch.device, *, channels_last: boo
     if compile_backend:  # before DDP, so DDP's hooks stay outside the graph (as nanoGPT and the torch docs do)
         module = torch.compile(module, backend=compile_backend)
     if distributed:
-        module = nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        with warnings.catch_warnings():
+            # Each rank's buffers (BN statistics, MoCo's queue, built from a per-rank seed) stay its own, from the
+            # wrap on. torch 2.13 deprecates `broadcast_buffers` for `forward_sync_buffers`, which still copies
+            # rank 0's buffers at the wrap; its warning itself says to keep `broadcast_buffers=False` for
+            # rank-local buffers until an init-only switch exists, so that one warning is silenced here.
+            warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning)
+            module = nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return TrainModel(method=method, module=module)
 
 
