@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mixmask.errors import UserError
-from mixmask.run.checkpoint import find_resume, load_checkpoint, prune_periodic, save_atomic
+from mixmask.run.checkpoint import find_resume, is_torch_file, load_checkpoint, prune_periodic, save_atomic
 
 WRITER = """
 import sys, torch
@@ -54,7 +54,20 @@ def test_corrupt_and_foreign_checkpoints_are_one_line_errors(tmp_path):
         load_checkpoint(foreign)
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint\n" * 100)
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_checkpoint(garbage)
     assert load_checkpoint(good)["method"]["w"].sum() == 3  # untouched
+
+
+def test_only_what_torch_save_writes_reaches_the_unpickler(tmp_path):
+    zipped, legacy, text = tmp_path / "zip.pt", tmp_path / "legacy.pt", tmp_path / "notes.txt"
+    torch.save({"w": torch.ones(2)}, zipped)
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    text.write_text("PK but not a zip")
+    assert is_torch_file(zipped) and is_torch_file(legacy)
+    assert not is_torch_file(text)
 
 
 def test_find_resume_and_pruning(tmp_path):

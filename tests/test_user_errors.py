@@ -6,6 +6,7 @@ Every case runs the real command line (`train.py`, `bench.py`, `python -m mixmas
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -136,7 +137,7 @@ def test_eval_of_a_checkpoint_with_another_architecture_is_one_line(repo_root, t
 
 def test_export_of_a_corrupt_file_is_one_line(repo_root, tmp_path):
     bad = tmp_path / "last.pt"
-    bad.write_bytes(os.urandom(4000))
+    bad.write_bytes(b"\x13" + random.Random(0).randbytes(3999))  # neither a zip nor a pickle: never unpickled
     proc = run(repo_root, "-m", "mixmask.export", str(bad), "--detectron2", str(tmp_path / "out.pkl"))
     assert_one_line(proc, str(bad), "corrupt", "backbone.pt")
 

@@ -117,6 +117,17 @@ def load_method_state(method: torch.nn.Module, ckpt: dict, path: str | Path, mod
     method.load_state_dict(stored)
 
 
+def is_torch_file(path: Path) -> bool:
+    """Whether `path` starts as `torch.save` output does: a zip archive, or a legacy-format pickle (protocol opcode).
+
+    Checked before `torch.load`, which otherwise runs any file through the full unpickler: on random bytes that
+    fails with whatever opcode comes up, sometimes with a second error printed on the way out.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint written by `save_atomic`; UserError (one line) when missing, truncated or not ours.
 
@@ -126,6 +137,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     try:
+        if not is_torch_file(path):
+            raise ValueError("not a zip archive or a pickle")
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise UserError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(err).__name__}); "
