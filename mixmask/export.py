@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="checkpoints/last.pt or backbone.pt of a run")
     parser.add_argument("--detectron2", type=Path, required=True, help="output .pkl for detectron2")
     args = parser.parse_args(argv)
-    from mixmask.run.checkpoint import is_torch_file, load_checkpoint
+    from mixmask.run.checkpoint import UnsafeFile, load_checkpoint, read_torch_file
 
     if not args.checkpoint.is_file():
         raise UserError(f"checkpoint {str(args.checkpoint)!r} does not exist")
@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
 
     check_writable_dir(args.detectron2.parent, "--detectron2")
     try:
-        if not is_torch_file(args.checkpoint):
-            raise ValueError("not a zip archive or a pickle")
-        raw = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        raw = read_torch_file(args.checkpoint)
+    except UnsafeFile as err:
+        raise UserError(f"{str(args.checkpoint)!r} holds {err}; give a run's checkpoints/last.pt or backbone.pt"
+                        ) from None
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise UserError(f"{str(args.checkpoint)!r} is corrupt, truncated or not a PyTorch file "
                         f"({type(err).__name__}); give a run's checkpoints/last.pt or backbone.pt") from None

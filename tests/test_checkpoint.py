@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +60,34 @@ def test_corrupt_and_foreign_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="corrupt or truncated"):
         load_checkpoint(garbage)
     assert load_checkpoint(good)["method"]["w"].sum() == 3  # untouched
+
+
+class _RunsCodeWhenLoaded:
+    """An object whose unpickling calls a function (`os.mkdir` here; it could be anything)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.folder),)
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, zipped):
+    marker = tmp_path / "ran"
+    path = tmp_path / "last.pt"
+    torch.save({"method": {"w": torch.ones(2)}, "config": {}, "payload": _RunsCodeWhenLoaded(marker)}, path,
+               _use_new_zipfile_serialization=zipped)
+    with pytest.raises(UserError, match="not loaded, since unpickling them can run code") as err:
+        load_checkpoint(path)
+    assert not marker.exists()
+    if zipped:
+        assert "posix.mkdir" in str(err.value)  # the refused object is named
+    # What every checkpoint holds loads: tensors, containers, numbers, strings and numpy's RNG state.
+    torch.save({"method": {"w": torch.ones(2)}, "config": {"a": [1, 2.5, "x", None]},
+                "rng": {"numpy": np.random.get_state()}}, path, _use_new_zipfile_serialization=zipped)  # noqa: NPY002
+    state = load_checkpoint(path)
+    assert state["rng"]["numpy"][1].dtype == np.uint32 and state["config"]["a"] == [1, 2.5, "x", None]
 
 
 def test_only_what_torch_save_writes_reaches_the_unpickler(tmp_path):

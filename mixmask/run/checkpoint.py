@@ -10,6 +10,7 @@ written with a `"scaler": None` entry still load; the key is ignored).
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -128,6 +129,38 @@ def is_torch_file(path: Path) -> bool:
     return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
+# What unpickling may build besides tensors, containers, numbers and strings: numpy arrays (the legacy numpy RNG
+# state in every checkpoint is a uint32 array), by the functions and types their pickles name.
+NUMPY_ARRAY_GLOBALS = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+class UnsafeFile(Exception):
+    """A torch file whose pickle names other Python objects: `read_torch_file` does not build them."""
+
+
+def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """What `torch.save` wrote to `path`, read without running code from the file (`weights_only=True`).
+
+    Tensors, containers, numbers, strings and numpy arrays load; a pickle naming any other object raises
+    `UnsafeFile` (unpickling it could run arbitrary code, and a file this project wrote holds none); a file that is
+    not whole `torch.save` output raises ValueError or one of torch's errors.
+    """
+    if not is_torch_file(path):
+        raise ValueError("not a zip archive or a pickle")
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise
+        try:
+            names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # noqa: BLE001 - the legacy format has no listing; the refusal stands without names
+            names = "unnamed"
+        raise UnsafeFile(f"pickled Python objects beyond tensors, numbers, strings and numpy arrays ({names}); "
+                         "they are not loaded, since unpickling them can run code") from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint written by `save_atomic`; UserError (one line) when missing, truncated or not ours.
 
@@ -137,9 +170,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     try:
-        if not is_torch_file(path):
-            raise ValueError("not a zip archive or a pickle")
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = read_torch_file(path, map_location)
+    except UnsafeFile as err:
+        raise UserError(f"checkpoint {str(path)!r} holds {err}; this project's checkpoints hold none") from None
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise UserError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(err).__name__}); "
                         "the previous checkpoints in its folder are untouched") from None
