@@ -121,8 +121,8 @@ def load_method_state(method: torch.nn.Module, ckpt: dict, path: str | Path, mod
 def is_torch_file(path: Path) -> bool:
     """Whether `path` starts as `torch.save` output does: a zip archive, or a legacy-format pickle (protocol opcode).
 
-    Checked before `torch.load`, which otherwise runs any file through the full unpickler: on random bytes that
-    fails with whatever opcode comes up, sometimes with a second error printed on the way out.
+    Checked before `torch.load`, whose unpickler would otherwise read any file: on random bytes it fails with
+    whatever opcode comes up, sometimes with a second error printed on the way out.
     """
     with open(path, "rb") as f:
         head = f.read(4)
