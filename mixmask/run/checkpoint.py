@@ -151,14 +151,14 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any
         with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
+        # torch names the refused object ("... GLOBAL posix.mkdir whose module ...", "Unsupported global: GLOBAL
+        # x.y was not ..."); a damaged pickle fails on an opcode instead ("Unsupported operand 103"): corrupt.
+        names = re.findall(r"GLOBAL (\S+)", str(err))
+        if not names:
             raise
-        try:
-            names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except Exception:  # noqa: BLE001 - the legacy format has no listing; the refusal stands without names
-            names = "unnamed"
-        raise UnsafeFile(f"pickled Python objects beyond tensors, numbers, strings and numpy arrays ({names}); "
-                         "they are not loaded, since unpickling them can run code") from None
+        raise UnsafeFile(f"pickled Python objects beyond tensors, numbers, strings and numpy arrays "
+                         f"({', '.join(dict.fromkeys(names))}); they are not loaded, since unpickling them can run "
+                         "code") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
