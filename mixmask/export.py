@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="checkpoints/last.pt or backbone.pt of a run")
     parser.add_argument("--detectron2", type=Path, required=True, help="output .pkl for detectron2")
     args = parser.parse_args(argv)
-    from mixmask.run.checkpoint import UnsafeFile, load_checkpoint, read_torch_file
+    from mixmask.run.checkpoint import UnsafeFile, read_torch_file
 
     if not args.checkpoint.is_file():
         raise UserError(f"checkpoint {str(args.checkpoint)!r} does not exist")
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise UserError(f"{str(args.checkpoint)!r} is corrupt, truncated or not a PyTorch file "
                         f"({type(err).__name__}); give a run's checkpoints/last.pt or backbone.pt") from None
-    if isinstance(raw, dict) and "method" in raw:
-        state = backbone_state(load_checkpoint(args.checkpoint)["method"], source=repr(str(args.checkpoint)))
+    if isinstance(raw, dict) and isinstance(raw.get("method"), dict):  # a training checkpoint (last.pt, epoch_N.pt)
+        state = backbone_state(raw["method"], source=repr(str(args.checkpoint)))
     elif isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values()):
         state = raw  # backbone.pt
     else:
